@@ -1,0 +1,108 @@
+"""A saved detector on disk: config.json (config, sha256 of every artifact, library versions),
+weights.safetensors and bank/*.npy. Written to a temporary directory, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from .backbones import Backbone
+from .bank import FeatureBank
+from .config import SpadeConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "weights.safetensors"
+BANK_DIR = "bank"
+FORMAT_VERSION = 1
+_VERSIONED = ("mlflow-knn-anomaly", "torch", "torchvision", "timm", "faiss-cpu", "numpy")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def save_detector(path: Path, config: SpadeConfig, backbone: Backbone, bank: FeatureBank) -> Path:
+    """Write a detector directory atomically; refuse to overwrite an existing path."""
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new path or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+        save_file(state, tmp / WEIGHTS_FILE)
+        files = [tmp / WEIGHTS_FILE, *bank.save(tmp / BANK_DIR)]
+        record = {
+            "format_version": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "bank": {"n_images": bank.n_images, "nbytes": bank.nbytes},
+            "sha256": {f.relative_to(tmp).as_posix(): sha256(f) for f in files},
+            "versions": library_versions(),
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Path, FeatureBank]:
+    """Read and verify a detector directory.
+
+    Returns:
+        The config, the weights file path, and the (memory-mapped) bank.
+
+    Raises:
+        FileNotFoundError: not a saved detector. ValueError: an artifact's hash differs.
+    """
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not a saved detector: {CONFIG_FILE} is missing.")
+    record = json.loads(config_file.read_text())
+    for name, expected in record["sha256"].items():
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"artifact {name} is missing from {path}; the model is incomplete.")
+        if sha256(file) != expected:
+            raise ValueError(
+                f"artifact {name} in {path} does not match its recorded sha256: the file was "
+                "modified or corrupted. Re-download or rebuild the model."
+            )
+    _warn_on_version_mismatch(record.get("versions", {}))
+    config = SpadeConfig.from_dict(record["config"])
+    return config, path / WEIGHTS_FILE, FeatureBank.load(path / BANK_DIR, mmap=mmap)
+
+
+def _warn_on_version_mismatch(saved: dict[str, str]) -> None:
+    current = library_versions()
+    for name, version in saved.items():
+        now = current.get(name, "absent")
+        if version.split(".")[0] != now.split(".")[0]:
+            warnings.warn(
+                f"model saved with {name} {version}, running {now}: a major version differs, "
+                "results may change.",
+                stacklevel=3,
+            )

@@ -1,0 +1,149 @@
+"""SpadeConfig: the one frozen, validated source of truth for every setting.
+
+MLproject parameters, CLI options and these fields map one to one, and the config is saved as
+JSON inside every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .backbones import BACKBONES
+
+SEGMENT_MODES = ("auto", "all", "none")
+SCORE_MODES = ("knn", "two_stage")
+IMAGE_INDEXES = ("flat", "hnsw", "ivf")
+BANK_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class SpadeConfig:
+    """Every setting of a SPADE detector.
+
+    Attributes:
+        backbone: name of a registered backbone (see `backbones.BACKBONES`).
+        weights: "default" (the backbone's ImageNet weights), "random" (tests and timing only)
+            or a path to a `.safetensors` / `.pth` state dict.
+        layers: pyramid layer names for stage 2; empty means the backbone's default pyramid.
+        resize: images are resized to `resize` x `resize` pixels.
+        crop: centre crop after the resize, in pixels; 0 keeps the whole resized image.
+        k_images: K, the number of nearest normal images (stage-1 score and stage-2 gallery).
+        kappa: the number of nearest gallery features averaged per pixel.
+        sigma: Gaussian smoothing of the anomaly map, in pixels of the network input.
+        feature_pool: side of the neighbourhood averaged around each feature before the pixel
+            kNN (PatchCore's locally aware features); 1 disables it.
+        score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 filters,
+            the map's maximum scores the candidates).
+        image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
+        bank_dtype: storage dtype of the pixel feature maps.
+        holdout_fraction: share of the normal images held out of the bank to calibrate thresholds.
+        threshold_quantile: quantile of held-out normal scores that becomes each threshold.
+        image_threshold: image-score threshold; None until calibrated (or set by the user).
+        pixel_threshold: anomaly-map threshold of the mask; None until calibrated.
+        candidate_threshold: stage-1 threshold that sends an image to stage 2 in two_stage mode.
+        batch_size: images per backbone forward pass.
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"
+    layers: tuple[str, ...] = ()
+    resize: int = 256
+    crop: int = 224
+    k_images: int = 5
+    kappa: int = 1
+    sigma: float = 4.0
+    feature_pool: int = 3
+    score_mode: str = "knn"
+    image_index: str = "flat"
+    bank_dtype: str = "float16"
+    holdout_fraction: float = 0.1
+    threshold_quantile: float = 0.99
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    candidate_threshold: float | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            object.__setattr__(self, "layers", tuple(x for x in self.layers.split(",") if x))
+        else:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.backbone not in BACKBONES:
+            raise ValueError(
+                f"backbone={self.backbone!r} is unknown; choose one of {sorted(BACKBONES)}."
+            )
+        valid_layers = [layer.name for layer in BACKBONES[self.backbone].layers]
+        bad = [name for name in self.layers if name not in valid_layers]
+        if bad:
+            raise ValueError(
+                f"layers {bad} are not pyramid layers of {self.backbone}; valid names: {valid_layers}."
+            )
+        _check_choice("score_mode", self.score_mode, SCORE_MODES)
+        _check_choice("image_index", self.image_index, IMAGE_INDEXES)
+        _check_choice("bank_dtype", self.bank_dtype, BANK_DTYPES)
+        for name in ("resize", "k_images", "kappa", "feature_pool", "batch_size"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("crop", self.crop, minimum=0)
+        if self.crop > self.resize:
+            raise ValueError(f"crop={self.crop} exceeds resize={self.resize}; use crop <= resize or 0.")
+        if self.feature_pool % 2 == 0:
+            raise ValueError(f"feature_pool={self.feature_pool} must be odd (1, 3, 5, ...).")
+        if not isinstance(self.sigma, (int, float)) or self.sigma < 0:
+            raise ValueError(f"sigma={self.sigma!r} must be a number >= 0 (0 disables smoothing).")
+        if not 0.0 < self.holdout_fraction < 0.9:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction} must lie in (0, 0.9).")
+        if not 0.5 <= self.threshold_quantile <= 1.0:
+            raise ValueError(f"threshold_quantile={self.threshold_quantile} must lie in [0.5, 1].")
+        for name in ("image_threshold", "pixel_threshold", "candidate_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name}={value!r} must be a positive number or None (calibrate).")
+
+    @property
+    def pyramid(self) -> tuple[str, ...]:
+        """The stage-2 layer names in use (the backbone's default when `layers` is empty)."""
+        return self.layers or BACKBONES[self.backbone].default_layers
+
+    @property
+    def input_size(self) -> int:
+        """Side of the square network input in pixels."""
+        return self.crop or self.resize
+
+    def replace(self, **changes: Any) -> SpadeConfig:
+        """A validated copy with `changes` applied."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        data = dataclasses.asdict(self)
+        data["layers"] = list(self.layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SpadeConfig:
+        """Build from a dict, refusing unknown keys (a misspelt option must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SpadeConfig:
+        return cls.from_dict(json.loads(text))
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")

@@ -1,0 +1,148 @@
+"""Datasets in the MVTec AD layout: a reader, and a synthetic inspection set generator.
+
+Layout: <root>/train/good/*.png, <root>/test/<type>/*.png ("good" = normal), and
+<root>/ground_truth/<type>/<stem>_mask.png for every anomalous test image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+NORMAL = "good"
+
+
+@dataclass(frozen=True)
+class TestSample:
+    """One test image: its path, its defect type ("good" when normal) and its mask path or None."""
+
+    path: Path
+    defect_type: str
+    mask_path: Path | None
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect_type != NORMAL
+
+    def mask(self, width: int, height: int) -> np.ndarray:
+        """(height, width) bool ground truth; all False for normal images."""
+        if self.mask_path is None:
+            return np.zeros((height, width), dtype=bool)
+        with Image.open(self.mask_path) as m:
+            mask = np.asarray(m.convert("L")) > 127
+        if mask.shape != (height, width):
+            raise ValueError(f"mask {self.mask_path} is {mask.shape[::-1]}, its image is {(width, height)}.")
+        return mask
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted by name so that disk order never changes a result."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def train_images(root: str | Path) -> list[Path]:
+    """The normal reference images, <root>/train/good, sorted.
+
+    Raises:
+        FileNotFoundError: the folder does not exist. ValueError: it holds no images.
+    """
+    folder = Path(root) / "train" / NORMAL
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist; expected an MVTec-layout folder <root>/train/good/*.png.")
+    images = list_images(folder)
+    if not images:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)}); add the normal reference images.")
+    return images
+
+
+def test_samples(root: str | Path) -> list[TestSample]:
+    """Every test image with its defect type and ground-truth mask, sorted by type then name."""
+    root = Path(root)
+    test = root / "test"
+    if not test.is_dir():
+        raise FileNotFoundError(f"{test} does not exist; expected <root>/test/<type>/*.png.")
+    samples = []
+    for type_dir in sorted(p for p in test.iterdir() if p.is_dir()):
+        for path in list_images(type_dir):
+            mask = None
+            if type_dir.name != NORMAL:
+                mask = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
+                if not mask.is_file():
+                    raise FileNotFoundError(f"{path} has no ground-truth mask at {mask}.")
+            samples.append(TestSample(path, type_dir.name, mask))
+    if not samples:
+        raise ValueError(f"{test} holds no test images.")
+    return samples
+
+
+# ---- synthetic inspection data ----------------------------------------------------------------
+DEFECT_TYPES = ("scratch", "spot", "contamination")
+
+
+def make_synthetic(
+    root: str | Path, seed: int = 0, n_train: int = 40, n_test_good: int = 10, n_per_defect: int = 8, size: int = 256
+) -> Path:
+    """Write a synthetic inspection dataset in the MVTec layout; the same seed gives the same files.
+
+    Each image is a machined disc with a ring texture on a brushed background, with small random
+    shifts, lighting changes and sensor noise. Anomalous images carry one pasted defect: a dark
+    scratch, a bright or dark spot, or a coloured contamination blob; their masks mark it.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    jobs = [("train", NORMAL, i) for i in range(n_train)] + [("test", NORMAL, i) for i in range(n_test_good)]
+    jobs += [("test", kind, i) for kind in DEFECT_TYPES for i in range(n_per_defect)]
+    for split, kind, i in jobs:
+        image = _normal_part(rng, size)
+        folder = root / split / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        if kind != NORMAL:
+            image, mask = _paste_defect(rng, image, kind)
+            gt = root / "ground_truth" / kind
+            gt.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(gt / f"{i:03d}_mask.png")
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+def _normal_part(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    cx, cy = size / 2 + rng.uniform(-4, 4, 2)
+    r = np.hypot(xx - cx, yy - cy)
+    brushed = 0.55 + 0.05 * np.sin(xx * 0.9 + rng.uniform(0, 6.3)) + 0.03 * np.sin(yy * 0.23)
+    rings = 0.72 + 0.06 * np.sin(r * 0.8 + rng.uniform(0, 6.3)) - 0.12 * (r / (0.38 * size)) ** 2
+    disc = r < 0.38 * size
+    gray = np.where(disc, rings, brushed) * rng.uniform(0.93, 1.07)
+    gray = gray + rng.normal(0, 0.015, gray.shape)
+    tint = np.array([0.95, 1.0, 1.05], dtype=np.float32)
+    return (np.clip(gray[..., None] * tint, 0, 1) * 255).astype(np.uint8)
+
+
+def _paste_defect(rng: np.random.Generator, image: np.ndarray, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    size = image.shape[0]
+    layer = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(layer)
+    cx, cy = rng.uniform(0.25 * size, 0.75 * size, 2)
+    if kind == "scratch":
+        angle, length = rng.uniform(0, np.pi), rng.uniform(0.15, 0.3) * size
+        dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
+        draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=255, width=int(rng.integers(3, 6)))
+        colour = np.array([20, 20, 25])
+    elif kind == "spot":
+        rx, ry = rng.uniform(0.03, 0.06, 2) * size
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+        colour = np.array([250, 250, 240]) if rng.random() < 0.5 else np.array([30, 25, 20])
+    else:
+        for _ in range(5):
+            ox, oy = rng.normal(0, 0.03 * size, 2)
+            rad = rng.uniform(0.02, 0.045) * size
+            draw.ellipse([cx + ox - rad, cy + oy - rad, cx + ox + rad, cy + oy + rad], fill=255)
+        colour = rng.choice([[170, 90, 30], [40, 140, 60], [150, 40, 150]])
+    mask = np.asarray(layer) > 127
+    alpha = np.asarray(layer.filter(ImageFilter.GaussianBlur(1)), dtype=np.float32)[..., None] / 255
+    blended = image * (1 - alpha) + colour * alpha
+    return np.clip(blended, 0, 255).astype(np.uint8), mask

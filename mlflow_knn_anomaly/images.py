@@ -1,0 +1,134 @@
+"""Image decoding and the geometry between an input image and the network input.
+
+Every decoded image becomes 8-bit RGB the same way, whatever its mode. `Geometry` records how an
+image was resized and cropped so that maps computed on the network input can be put back at the
+image's own width and height; outside the crop they are 0.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+
+MAX_INPUT_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: alpha is dropped, 16/32-bit gray is rescaled."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        gray = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if image.mode == "P":
+        image = image.convert("RGBA")  # resolves palette transparency the same way for all
+    return image.convert("RGB")
+
+
+def load_image(item: ImageLike) -> Image.Image:
+    """Decode a path, encoded bytes, PIL image or uint8 array into an RGB PIL image.
+
+    Raises:
+        ValueError: the input cannot be decoded, is empty, or exceeds MAX_INPUT_PIXELS.
+        TypeError: the input is of an unsupported type.
+    """
+    if isinstance(item, Image.Image):
+        image = item
+    elif isinstance(item, np.ndarray):
+        image = _from_array(item)
+    elif isinstance(item, (bytes, bytearray, str, Path)):
+        if isinstance(item, (bytes, bytearray)) and len(item) == 0:
+            raise ValueError("empty image bytes; send the encoded PNG/JPEG/BMP/TIFF file content.")
+        source = io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item
+        try:
+            with Image.open(source) as opened:
+                if opened.width * opened.height > MAX_INPUT_PIXELS:
+                    raise ValueError(
+                        f"image of {opened.width}x{opened.height} pixels exceeds the cap of "
+                        f"{MAX_INPUT_PIXELS} pixels; downscale it before sending."
+                    )
+                opened.load()
+                image = opened.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+            name = f"file {item}" if isinstance(item, (str, Path)) else "bytes"
+            raise ValueError(
+                f"cannot decode image {name}: {exc}. Expected a complete PNG, JPEG, BMP or TIFF."
+            ) from exc
+    else:
+        raise TypeError(
+            f"unsupported image type {type(item).__name__}; pass a path, encoded bytes, "
+            "a PIL image or a uint8 array (H, W) or (H, W, 3)."
+        )
+    return to_rgb(image)
+
+
+def _from_array(array: np.ndarray) -> Image.Image:
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise ValueError(
+            f"array images must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got "
+            f"{array.dtype} {array.shape}."
+        )
+    return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an image of `width` x `height` maps onto the square network input.
+
+    The image is resized to `resize` x `resize`, then centre-cropped to `crop` (0 = no crop).
+    """
+
+    width: int
+    height: int
+    resize: int
+    crop: int
+
+    @property
+    def offset(self) -> int:
+        """Top-left corner of the crop inside the resized image (torchvision's CenterCrop rule)."""
+        return int(round((self.resize - self.crop) / 2.0)) if self.crop else 0
+
+    def to_input(self, image: Image.Image) -> torch.Tensor:
+        """(3, S, S) float tensor in [0, 1] of the network input, S = crop or resize."""
+        resized = image.resize((self.resize, self.resize), Image.BILINEAR)
+        if self.crop:
+            o = self.offset
+            resized = resized.crop((o, o, o + self.crop, o + self.crop))
+        return torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255.0)
+
+    def to_image(self, input_map: torch.Tensor) -> np.ndarray:
+        """Put a (S, S) map of the network input back at the image's own (height, width).
+
+        Pixels outside the crop, which the network never saw, are 0.
+        """
+        canvas = input_map
+        if self.crop:
+            o = self.offset
+            canvas = input_map.new_zeros((self.resize, self.resize))
+            canvas[o : o + self.crop, o : o + self.crop] = input_map
+        out = F.interpolate(canvas[None, None], size=(self.height, self.width), mode="bilinear", align_corners=False)
+        return out[0, 0].numpy()
+
+
+def prepare(items: list[ImageLike], resize: int, crop: int) -> tuple[torch.Tensor, list[Geometry]]:
+    """Decode and resize a batch.
+
+    Returns:
+        (N, 3, S, S) network inputs in [0, 1] and each image's Geometry.
+    """
+    tensors, geometries = [], []
+    for item in items:
+        image = load_image(item)
+        geometry = Geometry(image.width, image.height, resize, crop)
+        tensors.append(geometry.to_input(image))
+        geometries.append(geometry)
+    return torch.stack(tensors), geometries

@@ -1,0 +1,85 @@
+"""Anomaly-detection metrics (numpy / scikit-learn): image and pixel ROCAUC, AUPRO, F1 thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.ndimage import label
+from sklearn.metrics import precision_recall_curve, roc_auc_score
+
+
+def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """ROCAUC of image scores (N,) against labels (N,), 1 = anomalous."""
+    return float(roc_auc_score(np.asarray(labels, dtype=int), np.asarray(scores, dtype=np.float64)))
+
+
+def pixel_auroc(masks: list[np.ndarray], maps: list[np.ndarray]) -> float:
+    """ROCAUC over every pixel of every image; masks and maps are (H_i, W_i) pairs."""
+    truth = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
+    scores = np.concatenate([np.asarray(s, dtype=np.float32).ravel() for s in maps])
+    return float(roc_auc_score(truth, scores))
+
+
+@dataclass(frozen=True)
+class ProCurve:
+    """Per-region overlap against false-positive rate.
+
+    Attributes:
+        fpr: (T,) ascending false-positive rates on normal pixels, from 0 to the limit.
+        pro: (T,) mean overlap of the ground-truth regions at the same thresholds.
+        aupro: area under the curve up to the limit, divided by the limit (1.0 is perfect).
+    """
+
+    fpr: np.ndarray
+    pro: np.ndarray
+    aupro: float
+
+
+def pro_curve(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float = 0.3, steps: int = 2000) -> ProCurve:
+    """The MVTec AD per-region-overlap (PRO) curve, normalised area up to `fpr_limit`.
+
+    Each connected region (8-connectivity) of every ground-truth mask counts once, whatever its
+    size; the FPR is over all normal pixels. Thresholds are taken at `steps` evenly spaced FPRs,
+    and the curve is interpolated linearly at the limit.
+    """
+    normal_scores, regions = [], []
+    for mask, score in zip(masks, maps):
+        mask = np.asarray(mask, dtype=bool)
+        score = np.asarray(score, dtype=np.float64)
+        normal_scores.append(score[~mask])
+        labelled, n = label(mask, structure=np.ones((3, 3)))
+        regions += [np.sort(score[labelled == r]) for r in range(1, n + 1)]
+    if not regions:
+        raise ValueError("AUPRO needs at least one anomalous region in the ground-truth masks.")
+    normal = np.sort(np.concatenate(normal_scores))
+    # Threshold t flags score >= t; the threshold at target FPR f is the (1 - f) quantile of normals.
+    targets = np.linspace(0.0, fpr_limit, steps)
+    idx = np.clip(np.ceil((1.0 - targets) * normal.size).astype(int), 0, normal.size)
+    thresholds = np.where(idx < normal.size, normal[np.minimum(idx, normal.size - 1)], np.inf)
+    thresholds = np.unique(np.concatenate([thresholds, [np.inf]]))[::-1]
+    fpr = 1.0 - np.searchsorted(normal, thresholds, side="left") / normal.size
+    pro = np.mean([1.0 - np.searchsorted(r, thresholds, side="left") / r.size for r in regions], axis=0)
+    # Interpolate at the limit and cut there.
+    keep = fpr <= fpr_limit
+    fpr_cut, pro_cut = fpr[keep], pro[keep]
+    if fpr_cut[-1] < fpr_limit and (~keep).any():
+        j = int(np.argmax(~keep))
+        f0, f1, p0, p1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
+        fpr_cut = np.append(fpr_cut, fpr_limit)
+        pro_cut = np.append(pro_cut, p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0))
+    aupro = float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
+    return ProCurve(fpr=fpr_cut, pro=pro_cut, aupro=aupro)
+
+
+def aupro(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float = 0.3) -> float:
+    """Normalised area under the PRO curve up to `fpr_limit` (AUPRO@0.3 by default)."""
+    return pro_curve(masks, maps, fpr_limit).aupro
+
+
+def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """The threshold (flag score >= t) that maximises F1, and that F1."""
+    precision, recall, thresholds = precision_recall_curve(np.asarray(labels, dtype=int), np.asarray(scores))
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), float(f1[best])

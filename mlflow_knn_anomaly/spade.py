@@ -1,0 +1,241 @@
+"""SPADE (Cohen & Hoshen 2020): two-stage kNN anomaly detection on a pretrained CNN.
+
+Stage 1 scores an image by the mean distance of its pooled feature to its K nearest normal
+images. Stage 2, run only where needed, segments it: each pixel scores the mean distance to its
+kappa nearest features in the gallery, the pixel features of those K images, per pyramid layer;
+the layer maps are upsampled, averaged and Gaussian-smoothed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .backbones import Backbone, build_backbone
+from .bank import FeatureBank
+from .config import SEGMENT_MODES, SpadeConfig
+from .images import Geometry, ImageLike, prepare
+from .knn import ImageIndex, pixel_knn
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Results for N images, in input order.
+
+    Attributes:
+        scores: (N,) image scores (stage 1, or the map maximum for two_stage candidates).
+        normalized_scores: (N,) scores / image threshold, so 1.0 is the threshold.
+        is_anomalous: (N,) bool, normalized score >= 1.
+        segmented: (N,) bool, whether stage 2 ran.
+        knn_scores: (N,) stage-1 scores (the paper's image score).
+        maps: per image, an (H_i, W_i) float32 anomaly map at the image's own size, or None.
+        masks: per image, an (H_i, W_i) bool mask (map >= pixel threshold), or None.
+    """
+
+    scores: np.ndarray
+    normalized_scores: np.ndarray
+    is_anomalous: np.ndarray
+    segmented: np.ndarray
+    knn_scores: np.ndarray
+    maps: list[np.ndarray | None]
+    masks: list[np.ndarray | None]
+
+
+class SpadeDetector:
+    """Fit on normal images, then score and segment new ones."""
+
+    def __init__(self, config: SpadeConfig | None = None, backbone: Backbone | None = None) -> None:
+        self.config = config or SpadeConfig()
+        self.backbone = backbone or build_backbone(self.config.backbone, self.config.weights, self.config.pyramid)
+        self.bank: FeatureBank | None = None
+        self.index: ImageIndex | None = None
+
+    # ---- features ---------------------------------------------------------------------------
+    def extract(self, inputs: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+        """Pooled (N, D) float32 features and locally aggregated maps {layer: (N, C, h, w)}."""
+        pyramid = self.backbone.extract(inputs)
+        p = self.config.feature_pool
+        maps = {
+            name: fmap if p == 1 else F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
+            for name, fmap in pyramid.maps.items()
+        }
+        return pyramid.pooled.float().numpy(), maps
+
+    def _batches(self, items: list[ImageLike], desc: str | None):
+        size = self.config.batch_size
+        starts = range(0, len(items), size)
+        for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
+            inputs, geometries = prepare(items[start : start + size], self.config.resize, self.config.crop)
+            yield start, inputs, geometries
+
+    # ---- fit ----------------------------------------------------------------------------------
+    def fit(self, images: list[ImageLike], progress: bool = False) -> SpadeDetector:
+        """Build the bank from normal images and calibrate the thresholds on a held-out share.
+
+        Every n-th image (a deterministic, evenly spread `holdout_fraction`) is held out of the
+        bank; each threshold is the `threshold_quantile` quantile of the held-out scores.
+        """
+        bank_items, holdout_items = split_holdout(list(images), self.config)
+        self.bank = self._build_bank(bank_items, "bank features" if progress else None)
+        self.index = ImageIndex(self.config.image_index).fit(self.bank.pooled)
+        self.config = self.config.replace(**self._calibrate(holdout_items))
+        return self
+
+    def _build_bank(self, items: list[ImageLike], desc: str | None) -> FeatureBank:
+        dtype = np.dtype(self.config.bank_dtype)
+        pooled: np.ndarray | None = None
+        maps: dict[str, np.ndarray] = {}
+        for start, inputs, _ in self._batches(items, desc):
+            feats, fmaps = self.extract(inputs)
+            if pooled is None:
+                pooled = np.empty((len(items), feats.shape[1]), np.float32)
+                maps = {k: np.empty((len(items), *v.shape[1:]), dtype) for k, v in fmaps.items()}
+            pooled[start : start + len(feats)] = feats
+            for name, fmap in fmaps.items():
+                maps[name][start : start + len(feats)] = fmap.numpy().astype(dtype)
+        return FeatureBank(pooled=pooled, maps=maps)
+
+    def _calibrate(self, holdout: list[ImageLike]) -> dict[str, float]:
+        knn_scores, map_maxima = [], []
+        for _, inputs, _ in self._batches(holdout, None):
+            pooled, fmaps = self.extract(inputs)
+            scores, nn_indices = self._stage1(pooled)
+            knn_scores.append(scores)
+            map_maxima += [float(self._stage2(fmaps, i, nn_indices[i]).max()) for i in range(len(scores))]
+        q = self.config.threshold_quantile
+        knn, maxima = np.concatenate(knn_scores), np.asarray(map_maxima)
+        calibrated = {
+            "image_threshold": float(np.quantile(knn if self.config.score_mode == "knn" else maxima, q)),
+            "pixel_threshold": float(np.quantile(maxima, q)),
+            "candidate_threshold": float(np.quantile(knn, CANDIDATE_QUANTILE)),
+        }
+        # A threshold the user set in the config wins over the calibrated one.
+        return {k: v if getattr(self.config, k) is None else getattr(self.config, k) for k, v in calibrated.items()}
+
+    # ---- the two stages -----------------------------------------------------------------------
+    def _stage1(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Image scores (Q,): mean distance to the K nearest normal images; and their (Q, K) indices."""
+        sq_dist, nn_indices = self.index.search(pooled, self.config.k_images)
+        return np.sqrt(sq_dist).mean(axis=1), nn_indices
+
+    def _stage2(self, fmaps: dict[str, torch.Tensor], i: int, nn_indices: np.ndarray) -> np.ndarray:
+        """(S, S) anomaly map of image `i` of the batch on the network input (S = input size)."""
+        size = self.config.input_size
+        layer_maps = []
+        for name, fmap in fmaps.items():
+            c, h, w = fmap.shape[1:]
+            query = fmap[i].float().permute(1, 2, 0).reshape(-1, c)
+            dist = pixel_knn(query, self.bank.gallery(name, nn_indices), self.config.kappa).view(1, 1, h, w)
+            layer_maps.append(F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=False))
+        score_map = torch.cat(layer_maps).mean(dim=0)[0].numpy()
+        return gaussian_filter(score_map, self.config.sigma) if self.config.sigma > 0 else score_map
+
+    # ---- predict ------------------------------------------------------------------------------
+    def predict(
+        self,
+        images: list[ImageLike],
+        segment: str = "auto",
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+    ) -> Prediction:
+        """Score images and segment those that need it.
+
+        Args:
+            images: paths, encoded bytes, PIL images or uint8 arrays.
+            segment: "auto" (stage 2 only for images past the stage-1 gate), "all" or "none".
+            image_threshold, pixel_threshold: override the calibrated thresholds.
+        """
+        if self.bank is None or self.index is None:
+            raise RuntimeError("the detector has no bank: call fit(normal_images) or SpadeDetector.load(path).")
+        if segment not in SEGMENT_MODES:
+            raise ValueError(f"segment={segment!r} is not one of {list(SEGMENT_MODES)}.")
+        cfg = self.config
+        image_t = _threshold("image_threshold", image_threshold, cfg.image_threshold)
+        pixel_t = _threshold("pixel_threshold", pixel_threshold, cfg.pixel_threshold)
+        # In two_stage mode stage 1 is a recall-oriented filter; in knn mode the image threshold gates.
+        gate = cfg.candidate_threshold if cfg.score_mode == "two_stage" else image_t
+        scores, knn_all, segmented, maps, masks = [], [], [], [], []
+        for _, inputs, geometries in self._batches(list(images), None):
+            pooled, fmaps = self.extract(inputs)
+            knn, nn_indices = self._stage1(pooled)
+            for i, geometry in enumerate(geometries):
+                run = segment == "all" or (segment == "auto" and knn[i] >= gate)
+                score = float(knn[i])
+                full_map = mask = None
+                if run:
+                    input_map = self._stage2(fmaps, i, nn_indices[i])
+                    if cfg.score_mode == "two_stage":
+                        score = float(input_map.max())
+                    full_map = geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map)))
+                    mask = full_map >= pixel_t
+                elif cfg.score_mode == "two_stage":
+                    # Below the gate: rescale to the map scale so that scores stay comparable.
+                    score = float(knn[i]) * image_t / gate
+                scores.append(score)
+                knn_all.append(float(knn[i]))
+                segmented.append(run)
+                maps.append(full_map)
+                masks.append(mask)
+        scores_arr = np.asarray(scores, dtype=np.float64)
+        normalized = scores_arr / image_t
+        return Prediction(
+            scores=scores_arr,
+            normalized_scores=normalized,
+            is_anomalous=normalized >= 1.0,
+            segmented=np.asarray(segmented, dtype=bool),
+            knn_scores=np.asarray(knn_all, dtype=np.float64),
+            maps=maps,
+            masks=masks,
+        )
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write config.json (with artifact hashes), weights.safetensors and bank/ atomically."""
+        if self.bank is None:
+            raise RuntimeError("nothing to save: call fit(normal_images) first.")
+        return artifacts.save_detector(Path(path), self.config, self.backbone, self.bank)
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = True) -> SpadeDetector:
+        """Load a saved detector, verifying every artifact's sha256; the bank is memory-mapped."""
+        config, weights, bank = artifacts.load_detector(Path(path), mmap=mmap)
+        detector = cls(config, backbone=build_backbone(config.backbone, str(weights), config.pyramid))
+        detector.bank = bank
+        detector.index = ImageIndex(config.image_index).fit(bank.pooled)
+        return detector
+
+
+CANDIDATE_QUANTILE = 0.5  # two_stage: half the held-out normal images reach stage 2
+
+
+def split_holdout(items: list[ImageLike], config: SpadeConfig) -> tuple[list[ImageLike], list[ImageLike]]:
+    """Split normal images into (bank, holdout): an evenly spread `holdout_fraction` is held out.
+
+    Raises:
+        ValueError: too few images for `k_images` plus the hold-out.
+    """
+    n = len(items)
+    n_hold = max(2, int(round(config.holdout_fraction * n)))
+    if n - n_hold < config.k_images:
+        raise ValueError(
+            f"{n} normal images are too few: k_images={config.k_images} plus {n_hold} held out for "
+            f"calibration need {config.k_images + n_hold}. Add normal images or lower k_images."
+        )
+    hold = set(np.linspace(0, n - 1, n_hold).round().astype(int).tolist())
+    return [x for j, x in enumerate(items) if j not in hold], [x for j, x in enumerate(items) if j in hold]
+
+
+def _threshold(name: str, override: float | None, calibrated: float | None) -> float:
+    value = calibrated if override is None else override
+    if value is None:
+        raise RuntimeError(f"{name} is not set: fit() calibrates it, or pass {name}=<float>.")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name}={value!r} must be a positive number.")
+    return float(value)
