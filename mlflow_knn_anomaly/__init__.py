@@ -5,3 +5,12 @@ from .spade import Prediction, SpadeDetector
 
 __all__ = ["Prediction", "SpadeConfig", "SpadeDetector"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The MLflow surface is imported lazily so that the algorithm never needs mlflow at import.
+    if name in ("log_model", "save_model", "load_model", "decode_mask", "decode_anomaly_map"):
+        from . import pyfunc_model
+
+        return getattr(pyfunc_model, name)
+    raise AttributeError(f"module 'mlflow_knn_anomaly' has no attribute {name!r}")

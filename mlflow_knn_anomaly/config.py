@@ -40,7 +40,9 @@ class SpadeConfig:
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
         bank_dtype: storage dtype of the pixel feature maps.
         holdout_fraction: share of the normal images held out of the bank to calibrate thresholds.
-        threshold_quantile: quantile of held-out normal scores that becomes each threshold.
+        threshold_sigmas: each threshold is mean + threshold_sigmas * std of the held-out normal
+            images' scores (a 3-sigma control limit by default).
+        candidate_sigmas: two_stage gate: mean + candidate_sigmas * std of held-out stage-1 scores.
         image_threshold: image-score threshold; None until calibrated (or set by the user).
         pixel_threshold: anomaly-map threshold of the mask; None until calibrated.
         candidate_threshold: stage-1 threshold that sends an image to stage 2 in two_stage mode.
@@ -60,7 +62,8 @@ class SpadeConfig:
     image_index: str = "flat"
     bank_dtype: str = "float16"
     holdout_fraction: float = 0.1
-    threshold_quantile: float = 0.99
+    threshold_sigmas: float = 3.0
+    candidate_sigmas: float = 0.0
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     candidate_threshold: float | None = None
@@ -95,8 +98,10 @@ class SpadeConfig:
             raise ValueError(f"sigma={self.sigma!r} must be a number >= 0 (0 disables smoothing).")
         if not 0.0 < self.holdout_fraction < 0.9:
             raise ValueError(f"holdout_fraction={self.holdout_fraction} must lie in (0, 0.9).")
-        if not 0.5 <= self.threshold_quantile <= 1.0:
-            raise ValueError(f"threshold_quantile={self.threshold_quantile} must lie in [0.5, 1].")
+        for name in ("threshold_sigmas", "candidate_sigmas"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -3.0 <= value <= 10.0:
+                raise ValueError(f"{name}={value!r} must be a number in [-3, 10].")
         for name in ("image_threshold", "pixel_threshold", "candidate_threshold"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

@@ -84,7 +84,7 @@ DEFECT_TYPES = ("scratch", "spot", "contamination")
 
 
 def make_synthetic(
-    root: str | Path, seed: int = 0, n_train: int = 40, n_test_good: int = 10, n_per_defect: int = 8, size: int = 256
+    root: str | Path, seed: int = 0, n_train: int = 60, n_test_good: int = 20, n_per_defect: int = 10, size: int = 256
 ) -> Path:
     """Write a synthetic inspection dataset in the MVTec layout; the same seed gives the same files.
 

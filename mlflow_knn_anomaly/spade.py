@@ -79,8 +79,9 @@ class SpadeDetector:
     def fit(self, images: list[ImageLike], progress: bool = False) -> SpadeDetector:
         """Build the bank from normal images and calibrate the thresholds on a held-out share.
 
-        Every n-th image (a deterministic, evenly spread `holdout_fraction`) is held out of the
-        bank; each threshold is the `threshold_quantile` quantile of the held-out scores.
+        Every n-th image (a deterministic, evenly spread `holdout_fraction`, at least
+        MIN_HOLDOUT) is held out of the bank; each threshold is the mean + `threshold_sigmas`
+        standard deviations of the held-out scores (see `_calibrate`).
         """
         bank_items, holdout_items = split_holdout(list(images), self.config)
         self.bank = self._build_bank(bank_items, "bank features" if progress else None)
@@ -109,12 +110,17 @@ class SpadeDetector:
             scores, nn_indices = self._stage1(pooled)
             knn_scores.append(scores)
             map_maxima += [float(self._stage2(fmaps, i, nn_indices[i]).max()) for i in range(len(scores))]
-        q = self.config.threshold_quantile
         knn, maxima = np.concatenate(knn_scores), np.asarray(map_maxima)
+        # A control limit (mean + z std) is stable with the few images a hold-out has, where a
+        # high quantile would just be the maximum of a handful of scores.
+        def limit(values: np.ndarray, sigmas: float) -> float:
+            return float(values.mean() + sigmas * values.std(ddof=1))
+
+        z = self.config.threshold_sigmas
         calibrated = {
-            "image_threshold": float(np.quantile(knn if self.config.score_mode == "knn" else maxima, q)),
-            "pixel_threshold": float(np.quantile(maxima, q)),
-            "candidate_threshold": float(np.quantile(knn, CANDIDATE_QUANTILE)),
+            "image_threshold": limit(knn if self.config.score_mode == "knn" else maxima, z),
+            "pixel_threshold": limit(maxima, z),
+            "candidate_threshold": limit(knn, self.config.candidate_sigmas),
         }
         # A threshold the user set in the config wins over the calibrated one.
         return {k: v if getattr(self.config, k) is None else getattr(self.config, k) for k, v in calibrated.items()}
@@ -212,7 +218,7 @@ class SpadeDetector:
         return detector
 
 
-CANDIDATE_QUANTILE = 0.5  # two_stage: half the held-out normal images reach stage 2
+MIN_HOLDOUT = 5
 
 
 def split_holdout(items: list[ImageLike], config: SpadeConfig) -> tuple[list[ImageLike], list[ImageLike]]:
@@ -222,7 +228,7 @@ def split_holdout(items: list[ImageLike], config: SpadeConfig) -> tuple[list[Ima
         ValueError: too few images for `k_images` plus the hold-out.
     """
     n = len(items)
-    n_hold = max(2, int(round(config.holdout_fraction * n)))
+    n_hold = max(MIN_HOLDOUT, int(round(config.holdout_fraction * n)))
     if n - n_hold < config.k_images:
         raise ValueError(
             f"{n} normal images are too few: k_images={config.k_images} plus {n_hold} held out for "
