@@ -44,7 +44,7 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def train_images(root: str | Path) -> list[Path]:
+def read_train(root: str | Path) -> list[Path]:
     """The normal reference images, <root>/train/good, sorted.
 
     Raises:
@@ -59,7 +59,7 @@ def train_images(root: str | Path) -> list[Path]:
     return images
 
 
-def test_samples(root: str | Path) -> list[TestSample]:
+def read_test(root: str | Path) -> list[TestSample]:
     """Every test image with its defect type and ground-truth mask, sorted by type then name."""
     root = Path(root)
     test = root / "test"

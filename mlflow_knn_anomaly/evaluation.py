@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .datasets import TestSample, test_samples
+from .datasets import TestSample, read_test
 from .spade import SpadeDetector
 
 
@@ -39,7 +39,7 @@ def evaluate(detector: SpadeDetector, root: str | Path) -> Evaluation:
     Every image is segmented (segment="all") so that the pixel metrics cover all of them; the
     image score is the one the product reports in segment="auto" mode.
     """
-    samples = test_samples(root)
+    samples = read_test(root)
     paths = [s.path for s in samples]
     start = time.perf_counter()
     prediction = detector.predict(paths, segment="all")

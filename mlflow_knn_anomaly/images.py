@@ -58,7 +58,9 @@ def load_image(item: ImageLike) -> Image.Image:
                     )
                 opened.load()
                 image = opened.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        except Image.DecompressionBombError as exc:
+            raise ValueError(f"image exceeds the cap of {MAX_INPUT_PIXELS} pixels ({exc}); downscale it.") from exc
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = f"file {item}" if isinstance(item, (str, Path)) else "bytes"
             raise ValueError(
                 f"cannot decode image {name}: {exc}. Expected a complete PNG, JPEG, BMP or TIFF."

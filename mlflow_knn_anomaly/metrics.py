@@ -40,8 +40,8 @@ def pro_curve(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float 
     """The MVTec AD per-region-overlap (PRO) curve, normalised area up to `fpr_limit`.
 
     Each connected region (8-connectivity) of every ground-truth mask counts once, whatever its
-    size; the FPR is over all normal pixels. Thresholds are taken at `steps` evenly spaced FPRs,
-    and the curve is interpolated linearly at the limit.
+    size; the FPR is over all normal pixels. Thresholds are taken at `steps` evenly spaced FPRs
+    (finer than anomalib's default), and the curve is interpolated linearly at the limit.
     """
     normal_scores, regions = [], []
     for mask, score in zip(masks, maps):
@@ -53,17 +53,19 @@ def pro_curve(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float 
     if not regions:
         raise ValueError("AUPRO needs at least one anomalous region in the ground-truth masks.")
     normal = np.sort(np.concatenate(normal_scores))
-    # Threshold t flags score >= t; the threshold at target FPR f is the (1 - f) quantile of normals.
+    n = normal.size
+    # Flag score > t with t at normal scores: each point is the best PRO reachable at its FPR.
     targets = np.linspace(0.0, fpr_limit, steps)
-    idx = np.clip(np.ceil((1.0 - targets) * normal.size).astype(int), 0, normal.size)
-    thresholds = np.where(idx < normal.size, normal[np.minimum(idx, normal.size - 1)], np.inf)
-    thresholds = np.unique(np.concatenate([thresholds, [np.inf]]))[::-1]
-    fpr = 1.0 - np.searchsorted(normal, thresholds, side="left") / normal.size
-    pro = np.mean([1.0 - np.searchsorted(r, thresholds, side="left") / r.size for r in regions], axis=0)
+    idx = np.clip(n - 1 - np.floor(targets * n).astype(int), 0, n - 1)
+    beyond = [normal[max(int(idx.min()) - 1, 0)], -np.inf]  # points past the limit, to interpolate
+    thresholds = np.unique(np.concatenate([normal[idx], beyond]))[::-1]
+    fpr = np.concatenate([[0.0], (n - np.searchsorted(normal, thresholds, side="right")) / n])
+    pro = np.mean([1.0 - np.searchsorted(r, thresholds, side="right") / r.size for r in regions], axis=0)
+    pro = np.concatenate([[0.0], pro])
     # Interpolate at the limit and cut there.
     keep = fpr <= fpr_limit
     fpr_cut, pro_cut = fpr[keep], pro[keep]
-    if fpr_cut[-1] < fpr_limit and (~keep).any():
+    if fpr_cut[-1] < fpr_limit:
         j = int(np.argmax(~keep))
         f0, f1, p0, p1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
         fpr_cut = np.append(fpr_cut, fpr_limit)

@@ -21,7 +21,7 @@ from . import artifacts
 from .backbones import Backbone, build_backbone
 from .bank import FeatureBank
 from .config import SEGMENT_MODES, SpadeConfig
-from .images import Geometry, ImageLike, prepare
+from .images import ImageLike, prepare
 from .knn import ImageIndex, pixel_knn
 
 
@@ -172,18 +172,18 @@ class SpadeDetector:
             pooled, fmaps = self.extract(inputs)
             knn, nn_indices = self._stage1(pooled)
             for i, geometry in enumerate(geometries):
-                run = segment == "all" or (segment == "auto" and knn[i] >= gate)
+                candidate = bool(knn[i] >= gate)
+                run = segment == "all" or (segment == "auto" and candidate)
                 score = float(knn[i])
                 full_map = mask = None
                 if run:
                     input_map = self._stage2(fmaps, i, nn_indices[i])
-                    if cfg.score_mode == "two_stage":
-                        score = float(input_map.max())
                     full_map = geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map)))
                     mask = full_map >= pixel_t
-                elif cfg.score_mode == "two_stage":
-                    # Below the gate: rescale to the map scale so that scores stay comparable.
-                    score = float(knn[i]) * image_t / gate
+                if cfg.score_mode == "two_stage":
+                    # Candidates are scored by their map's maximum; the others keep their stage-1
+                    # score rescaled so that the gate maps onto the image threshold (below 1.0).
+                    score = float(input_map.max()) if run and candidate else float(knn[i]) * image_t / gate
                 scores.append(score)
                 knn_all.append(float(knn[i]))
                 segmented.append(run)

@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlflow_knn_anomaly import SpadeDetector
+from mlflow_knn_anomaly.datasets import make_synthetic, read_train
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_dataset(name: str) -> Path:
+    """Path of a shared real dataset, or skip: the data's licence keeps it out of the repository."""
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} is absent: real-data tests need ../shared/data beside the clone (CI has it).")
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic(tmp_path_factory.mktemp("synthetic"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def fitted(synthetic_root: Path) -> SpadeDetector:
+    """A detector with the default (real ImageNet) backbone fitted on the synthetic set."""
+    return SpadeDetector().fit(read_train(synthetic_root))
+
+
+@pytest.fixture(scope="session")
+def saved_detector(fitted: SpadeDetector, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fitted.save(tmp_path_factory.mktemp("saved") / "detector")

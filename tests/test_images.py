@@ -1,0 +1,85 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlflow_knn_anomaly.images import Geometry, load_image, prepare
+
+
+def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+GRAY = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(GRAY, "L"),
+        Image.fromarray(GRAY, "L").convert("LA"),
+        Image.fromarray(GRAY, "L").convert("RGBA"),
+        Image.fromarray(GRAY, "L").convert("P"),
+        Image.fromarray(GRAY.astype(np.uint16) * 257).convert("I;16"),
+        Image.fromarray(GRAY, "L").convert("RGB").convert("CMYK"),
+    ],
+    ids=["L", "LA", "RGBA", "P", "I;16", "CMYK"],
+)
+def test_every_mode_becomes_the_same_rgb(image):
+    rgb = np.asarray(load_image(image))
+    assert rgb.shape == (16, 16, 3) and rgb.dtype == np.uint8
+    np.testing.assert_allclose(rgb[..., 1].astype(int), GRAY.astype(int), atol=1)
+
+
+def test_paths_bytes_pil_and_arrays_decode_identically(tmp_path):
+    array = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(array).save(tmp_path / "a.png")
+    for item in (tmp_path / "a.png", str(tmp_path / "a.png"), _encode(Image.fromarray(array)), Image.fromarray(array), array):
+        np.testing.assert_array_equal(np.asarray(load_image(item)), array)
+
+
+@pytest.mark.parametrize(
+    ("item", "error", "message"),
+    [
+        (b"", ValueError, "empty image bytes"),
+        (b"not an image at all", ValueError, "cannot decode"),
+        (_encode(Image.new("RGB", (64, 64)))[:60], ValueError, "cannot decode"),
+        (3.5, TypeError, "unsupported image type"),
+        (np.zeros((4, 4), dtype=np.float32), ValueError, "uint8"),
+    ],
+    ids=["empty", "text", "truncated-png", "float", "float-array"],
+)
+def test_bad_inputs_raise_clear_errors(item, error, message):
+    with pytest.raises(error, match=message):
+        load_image(item)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    header = _encode(Image.new("1", (40000, 40000)))
+    with pytest.raises(ValueError, match="exceeds the cap"):
+        load_image(header)
+
+
+def test_geometry_puts_maps_back_at_the_image_size_with_zero_outside_the_crop():
+    geometry = Geometry(width=300, height=200, resize=256, crop=224)
+    assert geometry.to_input(Image.new("RGB", (300, 200))).shape == (3, 224, 224)
+    full = geometry.to_image(torch.ones(224, 224))
+    assert full.shape == (200, 300)
+    assert full[100, 150] == pytest.approx(1.0)
+    assert full[0, 0] == 0.0 and full[-1, -1] == 0.0
+
+
+def test_geometry_without_crop_covers_the_whole_image():
+    geometry = Geometry(width=120, height=80, resize=64, crop=0)
+    full = geometry.to_image(torch.ones(64, 64))
+    assert full.shape == (80, 120) and np.allclose(full, 1.0)
+
+
+def test_prepare_stacks_a_batch_of_mixed_sizes():
+    batch, geometries = prepare([np.zeros((10, 20, 3), np.uint8), np.zeros((50, 40), np.uint8)], 32, 0)
+    assert batch.shape == (2, 3, 32, 32)
+    assert [(g.width, g.height) for g in geometries] == [(20, 10), (40, 50)]

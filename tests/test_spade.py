@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation import evaluate
+from mlflow_knn_anomaly.spade import split_holdout
+
+from .conftest import shared_dataset
+
+
+def test_synthetic_defects_land_on_the_map_maximum_and_normals_pass(fitted, synthetic_root):
+    samples = read_test(synthetic_root)
+    prediction = fitted.predict([s.path for s in samples], segment="all")
+    hits = [
+        s.mask(m.shape[1], m.shape[0])[np.unravel_index(np.argmax(m), m.shape)]
+        for s, m in zip(samples, prediction.maps)
+        if s.is_anomalous
+    ]
+    normal_pass = [not flagged for s, flagged in zip(samples, prediction.is_anomalous) if not s.is_anomalous]
+    assert np.mean(hits) >= 0.95
+    assert np.mean(normal_pass) >= 0.95
+
+
+def test_maps_and_masks_come_back_at_the_input_size(fitted):
+    image = np.random.default_rng(0).integers(0, 255, (90, 170, 3), dtype=np.uint8)
+    prediction = fitted.predict([image], segment="all")
+    assert prediction.maps[0].shape == (90, 170) and prediction.masks[0].shape == (90, 170)
+    assert prediction.masks[0].dtype == bool
+
+
+def test_gating_segments_only_images_past_the_threshold(fitted, synthetic_root):
+    paths = [s.path for s in read_test(synthetic_root)]
+    auto = fitted.predict(paths)
+    np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= fitted.config.image_threshold)
+    assert all((m is None) == (not s) for m, s in zip(auto.maps, auto.segmented))
+    assert not fitted.predict(paths[:2], segment="none").segmented.any()
+    np.testing.assert_allclose(auto.normalized_scores, auto.scores / fitted.config.image_threshold)
+
+
+def test_threshold_overrides_change_the_verdict(fitted, synthetic_root):
+    path = read_test(synthetic_root)[0].path
+    low = fitted.predict([path], segment="all", image_threshold=1e-6, pixel_threshold=1e-6)
+    assert low.is_anomalous[0] and low.masks[0].mean() > 0.7  # all but the border outside the crop
+    with pytest.raises(ValueError, match="positive"):
+        fitted.predict([path], image_threshold=-2.0)
+    with pytest.raises(ValueError, match="segment='some'"):
+        fitted.predict([path], segment="some")
+
+
+def test_save_load_round_trip_gives_identical_scores_and_masks(fitted, saved_detector, synthetic_root):
+    paths = [s.path for s in read_test(synthetic_root)][::4]
+    before = fitted.predict(paths, segment="all")
+    loaded = SpadeDetector.load(saved_detector)
+    after = loaded.predict(paths, segment="all")
+    assert loaded.config == fitted.config
+    np.testing.assert_array_equal(before.scores, after.scores)
+    for a, b in zip(before.masks, after.masks):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_tampered_artifact_is_refused(saved_detector, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(saved_detector, tmp_path / "copy")
+    target = next((copy / "bank").glob("map_*.npy"))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0x01
+    target.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{target.name}.*sha256"):
+        SpadeDetector.load(copy)
+
+
+def test_save_refuses_to_overwrite(fitted, saved_detector):
+    with pytest.raises(FileExistsError, match="already exists"):
+        fitted.save(saved_detector)
+
+
+def test_too_few_normal_images_is_an_error_before_any_work():
+    with pytest.raises(ValueError, match="too few"):
+        split_holdout(list(range(8)), SpadeConfig(k_images=5))
+
+
+def test_two_stage_scores_candidates_by_their_map(synthetic_root):
+    detector = SpadeDetector(SpadeConfig(score_mode="two_stage")).fit(read_train(synthetic_root))
+    paths = [s.path for s in read_test(synthetic_root)]
+    auto = detector.predict(paths)
+    every = detector.predict(paths, segment="all")
+    candidates = auto.knn_scores >= detector.config.candidate_threshold
+    np.testing.assert_array_equal(auto.segmented, candidates)
+    np.testing.assert_allclose(auto.scores, every.scores)  # the score does not depend on segment
+    maxima = np.array([m.max() if m is not None else np.nan for m in auto.maps])
+    assert np.all(auto.scores[candidates] >= maxima[candidates] * 0.99)
+    assert np.all(auto.normalized_scores[~candidates] < 1.0)
+
+
+def test_bottle_meets_the_accuracy_floors():
+    root = shared_dataset("mvtec_bottle")
+    detector = SpadeDetector().fit(read_train(root))
+    figures = evaluate(detector, root).metrics
+    assert figures["image_auroc"] >= 0.99
+    assert figures["pixel_auroc"] >= 0.975
+    assert figures["aupro"] >= 0.93
