@@ -102,7 +102,6 @@ def _warn_on_version_mismatch(saved: dict[str, str]) -> None:
         now = current.get(name, "absent")
         if version.split(".")[0] != now.split(".")[0]:
             warnings.warn(
-                f"model saved with {name} {version}, running {now}: a major version differs, "
-                "results may change.",
+                f"model saved with {name} {version}, running {now}: a major version differs, results may change.",
                 stacklevel=3,
             )

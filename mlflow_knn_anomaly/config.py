@@ -75,15 +75,11 @@ class SpadeConfig:
         else:
             object.__setattr__(self, "layers", tuple(self.layers))
         if self.backbone not in BACKBONES:
-            raise ValueError(
-                f"backbone={self.backbone!r} is unknown; choose one of {sorted(BACKBONES)}."
-            )
+            raise ValueError(f"backbone={self.backbone!r} is unknown; choose one of {sorted(BACKBONES)}.")
         valid_layers = [layer.name for layer in BACKBONES[self.backbone].layers]
         bad = [name for name in self.layers if name not in valid_layers]
         if bad:
-            raise ValueError(
-                f"layers {bad} are not pyramid layers of {self.backbone}; valid names: {valid_layers}."
-            )
+            raise ValueError(f"layers {bad} are not pyramid layers of {self.backbone}; valid names: {valid_layers}.")
         _check_choice("score_mode", self.score_mode, SCORE_MODES)
         _check_choice("image_index", self.image_index, IMAGE_INDEXES)
         _check_choice("bank_dtype", self.bank_dtype, BANK_DTYPES)

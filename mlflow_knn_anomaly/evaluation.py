@@ -48,13 +48,19 @@ def evaluate(detector: SpadeDetector, root: str | Path) -> Evaluation:
     labels = np.array([s.is_anomalous for s in samples])
     headline = _figures(labels, prediction.scores, gt, prediction.maps)
     headline["knn_image_auroc"] = metrics.image_auroc(labels, prediction.knn_scores)
-    gate = detector.config.candidate_threshold if detector.config.score_mode == "two_stage" else detector.config.image_threshold
+    gate = (
+        detector.config.candidate_threshold
+        if detector.config.score_mode == "two_stage"
+        else detector.config.image_threshold
+    )
     headline["stage2_share"] = float(np.mean(prediction.knn_scores >= gate))
     headline["seconds_per_image_all_segmented"] = seconds / len(samples)
     per_type = {}
     for kind in sorted({s.defect_type for s in samples} - {"good"}):
         keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, "good")]
-        per_type[kind] = _figures(labels[keep], prediction.scores[keep], [gt[i] for i in keep], [prediction.maps[i] for i in keep])
+        per_type[kind] = _figures(
+            labels[keep], prediction.scores[keep], [gt[i] for i in keep], [prediction.maps[i] for i in keep]
+        )
     return Evaluation(
         metrics=headline,
         per_type=per_type,

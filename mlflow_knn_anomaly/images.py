@@ -62,9 +62,7 @@ def load_image(item: ImageLike) -> Image.Image:
             raise ValueError(f"image exceeds the cap of {MAX_INPUT_PIXELS} pixels ({exc}); downscale it.") from exc
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = f"file {item}" if isinstance(item, (str, Path)) else "bytes"
-            raise ValueError(
-                f"cannot decode image {name}: {exc}. Expected a complete PNG, JPEG, BMP or TIFF."
-            ) from exc
+            raise ValueError(f"cannot decode image {name}: {exc}. Expected a complete PNG, JPEG, BMP or TIFF.") from exc
     else:
         raise TypeError(
             f"unsupported image type {type(item).__name__}; pass a path, encoded bytes, "
@@ -76,8 +74,7 @@ def load_image(item: ImageLike) -> Image.Image:
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ValueError(
-            f"array images must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got "
-            f"{array.dtype} {array.shape}."
+            f"array images must be uint8 of shape (H, W), (H, W, 3) or (H, W, 4); got {array.dtype} {array.shape}."
         )
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 

@@ -127,7 +127,9 @@ class SpadePyfuncModel:
                     rows[i]["anomaly_map"] = encode_anomaly_map(prediction.maps[j]) if prediction.segmented[j] else ""
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         frame = pd.DataFrame(rows, columns=columns)
-        return frame.astype({"score": "Float64", "normalized_score": "Float64", "is_anomalous": "boolean", "segmented": "boolean"})
+        return frame.astype(
+            {"score": "Float64", "normalized_score": "Float64", "is_anomalous": "boolean", "segmented": "boolean"}
+        )
 
 
 def _empty_row() -> dict[str, Any]:
@@ -218,8 +220,20 @@ def default_pip_requirements() -> list[str]:
     """The pinned public packages a serving environment needs (the package's own code travels along)."""
     from importlib import metadata
 
-    names = ("mlflow", "torch", "torchvision", "timm", "numpy", "scipy", "scikit-learn", "faiss-cpu",
-             "pandas", "pillow", "safetensors", "tqdm")
+    names = (
+        "mlflow",
+        "torch",
+        "torchvision",
+        "timm",
+        "numpy",
+        "scipy",
+        "scikit-learn",
+        "faiss-cpu",
+        "pandas",
+        "pillow",
+        "safetensors",
+        "tqdm",
+    )
     return [f"{name}=={metadata.version(name)}" for name in names]
 
 

@@ -111,6 +111,7 @@ class SpadeDetector:
             knn_scores.append(scores)
             map_maxima += [float(self._stage2(fmaps, i, nn_indices[i]).max()) for i in range(len(scores))]
         knn, maxima = np.concatenate(knn_scores), np.asarray(map_maxima)
+
         # A control limit (mean + z std) is stable with the few images a hold-out has, where a
         # high quantile would just be the maximum of a handful of scores.
         def limit(values: np.ndarray, sigmas: float) -> float:

@@ -9,7 +9,10 @@ def _bank(dtype=np.float16) -> FeatureBank:
     rng = np.random.default_rng(0)
     return FeatureBank(
         pooled=rng.normal(size=(4, 8)).astype(np.float32),
-        maps={"blocks.1": rng.normal(size=(4, 3, 5, 6)).astype(dtype), "blocks.2": rng.normal(size=(4, 2, 3, 3)).astype(dtype)},
+        maps={
+            "blocks.1": rng.normal(size=(4, 3, 5, 6)).astype(dtype),
+            "blocks.2": rng.normal(size=(4, 2, 3, 3)).astype(dtype),
+        },
     )
 
 

@@ -38,7 +38,13 @@ def test_every_mode_becomes_the_same_rgb(image):
 def test_paths_bytes_pil_and_arrays_decode_identically(tmp_path):
     array = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(array).save(tmp_path / "a.png")
-    for item in (tmp_path / "a.png", str(tmp_path / "a.png"), _encode(Image.fromarray(array)), Image.fromarray(array), array):
+    for item in (
+        tmp_path / "a.png",
+        str(tmp_path / "a.png"),
+        _encode(Image.fromarray(array)),
+        Image.fromarray(array),
+        array,
+    ):
         np.testing.assert_array_equal(np.asarray(load_image(item)), array)
 
 
