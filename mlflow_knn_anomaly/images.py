@@ -10,14 +10,13 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-ImageLike = Union[str, Path, bytes, bytearray, Image.Image, np.ndarray]
+ImageLike = str | Path | bytes | bytearray | Image.Image | np.ndarray
 
 MAX_INPUT_PIXELS = 64_000_000  # larger images are refused before decoding (decompression bombs)
 
