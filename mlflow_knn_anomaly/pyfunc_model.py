@@ -18,7 +18,6 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
@@ -26,6 +25,7 @@ from PIL import Image
 from . import __version__
 from .config import SEGMENT_MODES
 from .images import load_image
+from .runtime import configure_threads
 from .spade import SpadeDetector
 
 FLAVOR_NAME = "mlflow_knn_anomaly"
@@ -167,17 +167,10 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
     """MLflow's loader hook: `data_path` is the saved detector directory inside the model."""
-    threads = int(os.environ.get("MLFLOW_KNN_ANOMALY_THREADS", "0")) or max(1, (os.cpu_count() or 1) // _workers())
-    torch.set_num_threads(threads)
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
+    # Server workers share the free cores. uvicorn takes its worker count from WEB_CONCURRENCY
+    # (`WEB_CONCURRENCY=2 mlflow models serve ...`); MLFLOW_KNN_ANOMALY_THREADS overrides it all.
+    configure_threads(workers=int(os.environ.get("WEB_CONCURRENCY", "1") or 1))
     return SpadePyfuncModel(SpadeDetector.load(data_path))
-
-
-def _workers() -> int:
-    """Server workers sharing this machine (mlflow models serve --workers N sets MLFLOW_MODELS_WORKERS)."""
-    return max(1, int(os.environ.get("MLFLOW_MODELS_WORKERS", "1") or 1))
 
 
 # ---- save / log / load ----------------------------------------------------------------------------

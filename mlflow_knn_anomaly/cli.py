@@ -1,0 +1,122 @@
+"""`mlflow-knn-anomaly` console script; the MLproject entry points call the same commands.
+
+Options of build-bank and main map one to one onto SpadeConfig fields (and MLproject parameters).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import click
+
+from . import jobs, registry
+from .config import SpadeConfig
+from .runtime import configure_threads
+
+_FIELDS = dataclasses.fields(SpadeConfig)
+_DEFAULTS = SpadeConfig()
+
+
+def _config_options(command):
+    """Add one --option per SpadeConfig field (underscores become dashes)."""
+    for field in reversed(_FIELDS):
+        default = getattr(_DEFAULTS, field.name)
+        if field.name == "layers":
+            kind, default = str, ""
+        elif default is None:
+            kind = float
+        else:
+            kind = type(default)
+        help_text = "comma-separated layer names; empty = the backbone's pyramid" if field.name == "layers" else None
+        command = click.option(
+            f"--{field.name.replace('_', '-')}",
+            field.name,
+            type=kind,
+            default=default,
+            show_default=True,
+            help=help_text,
+        )(command)
+    return command
+
+
+def _config(options: dict) -> SpadeConfig:
+    values = {f.name: options.pop(f.name) for f in _FIELDS}
+    for name in ("image_threshold", "pixel_threshold", "candidate_threshold"):
+        if values[name] is not None and values[name] <= 0:
+            values[name] = None  # MLproject cannot pass None: 0 means "calibrate"
+    return SpadeConfig(**values)
+
+
+@click.group()
+@click.option("--threads", type=int, default=None, help="torch/faiss threads (default: the free cores)")
+def cli(threads: int | None) -> None:
+    """SPADE kNN anomaly detection on MLflow: build banks, evaluate, promote, roll back."""
+    configure_threads(threads)
+
+
+@cli.command("build-bank")
+@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+@click.option("--model-name", default="spade-anomaly", show_default=True)
+@click.option("--skip-bad", is_flag=True, help="skip unreadable training images (logged) instead of failing")
+@_config_options
+def build_bank_command(data: str, model_name: str, skip_bad: bool, **options) -> None:
+    """Fit on <data>/train/good, log the model and register a new version."""
+    run_id, version = jobs.build_bank(data, _config(options), model_name, skip_bad=skip_bad)
+    click.echo(json.dumps({"run_id": run_id, "model_name": model_name, "version": version}))
+
+
+@cli.command("evaluate")
+@click.option("--model-uri", required=True, help="e.g. models:/spade-anomaly/1 or models:/spade-anomaly@champion")
+@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+def evaluate_command(model_uri: str, data: str) -> None:
+    """Evaluate on <data>/test: metrics, curves and overlays; tag the model version."""
+    click.echo(json.dumps(jobs.evaluate(model_uri, data), indent=2))
+
+
+@cli.command("promote")
+@click.option("--model-name", default="spade-anomaly", show_default=True)
+@click.option("--candidate", required=True, help="version number or alias of the candidate")
+@click.option("--metric", default="aupro", show_default=True, help="evaluation metric that decides")
+@click.option("--min-delta", type=float, default=0.0, show_default=True, help="margin the candidate must win by")
+def promote_command(model_name: str, candidate: str, metric: str, min_delta: float) -> None:
+    """Move @champion to the candidate if it beats the champion on the same data."""
+    click.echo(json.dumps(dataclasses.asdict(registry.promote(model_name, candidate, metric, min_delta))))
+
+
+@cli.command("rollback")
+@click.option("--model-name", default="spade-anomaly", show_default=True)
+def rollback_command(model_name: str) -> None:
+    """Swap @champion and @previous."""
+    click.echo(json.dumps(dataclasses.asdict(registry.rollback(model_name))))
+
+
+@cli.command("main")
+@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+@click.option("--model-name", default="spade-anomaly", show_default=True)
+@click.option("--metric", default="aupro", show_default=True)
+@click.option("--min-delta", type=float, default=0.0, show_default=True)
+@click.option("--skip-bad", is_flag=True)
+@_config_options
+def main_command(data: str, model_name: str, metric: str, min_delta: float, skip_bad: bool, **options) -> None:
+    """The whole lifecycle: build bank -> evaluate -> register -> promote."""
+    decision = jobs.lifecycle(data, _config(options), model_name, metric, min_delta, skip_bad=skip_bad)
+    click.echo(json.dumps(dataclasses.asdict(decision)))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Model registry promotion with aliases: `champion`, `previous`, and evaluation tags.
+
+A version is promoted only when it was evaluated on the same data (same digest) as the current
+champion and beats it on the chosen metric by more than `min_delta`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+CHAMPION, PREVIOUS = "champion", "previous"
+EVAL_PREFIX = "eval."
+DIGEST_TAG = "eval.data_digest"
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    candidate: str
+    champion_before: str | None
+    reason: str
+
+
+def resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> ModelVersion:
+    """A model version from its number or alias, with a clear error when neither exists."""
+    try:
+        if str(version_or_alias).isdigit():
+            return client.get_model_version(name, str(version_or_alias))
+        return client.get_model_version_by_alias(name, version_or_alias)
+    except MlflowException as exc:
+        raise ValueError(f"model {name!r} has no version or alias {version_or_alias!r}: {exc.message}") from exc
+
+
+def evaluation_of(version: ModelVersion, metric: str) -> tuple[float, str]:
+    """(metric value, evaluation-data digest) recorded on a version by `evaluate`."""
+    tags = version.tags or {}
+    key = EVAL_PREFIX + metric
+    if key not in tags or DIGEST_TAG not in tags:
+        raise ValueError(
+            f"version {version.version} of {version.name!r} has no evaluation ({key} tag missing); "
+            "run the evaluate entry point on it first."
+        )
+    return float(tags[key]), tags[DIGEST_TAG]
+
+
+def promote(name: str, candidate: str, metric: str = "aupro", min_delta: float = 0.0) -> Decision:
+    """Move `champion` to the candidate if it wins; keep the old champion as `previous`.
+
+    The rule: candidate[metric] - champion[metric] > min_delta, both evaluated on the same data.
+    The decision is recorded as tags on the candidate version.
+
+    Raises:
+        ValueError: the candidate has no evaluation, or was evaluated on other data than the champion.
+    """
+    client = MlflowClient()
+    version = resolve_version(client, name, candidate)
+    value, digest = evaluation_of(version, metric)
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    if champion is not None and champion.version == version.version:
+        decision = Decision(False, version.version, champion.version, "the candidate already is the champion")
+    elif champion is None:
+        decision = Decision(True, version.version, None, "no champion yet")
+    else:
+        best, best_digest = evaluation_of(champion, metric)
+        if best_digest != digest:
+            raise ValueError(
+                f"version {version.version} was evaluated on other data (digest {digest[:12]}) than champion "
+                f"version {champion.version} ({best_digest[:12]}); evaluate both on the same data first."
+            )
+        wins = value - best > min_delta
+        verdict = "beats" if wins else "does not beat"
+        reason = f"{metric} {value:.4f} {verdict} champion v{champion.version} {best:.4f} by more than {min_delta}"
+        decision = Decision(wins, version.version, champion.version, reason)
+    if decision.promoted:
+        if champion is not None:
+            client.set_registered_model_alias(name, PREVIOUS, champion.version)
+        client.set_registered_model_alias(name, CHAMPION, version.version)
+    client.set_model_version_tag(
+        name, version.version, "promotion.decision", "promoted" if decision.promoted else "kept"
+    )
+    client.set_model_version_tag(name, version.version, "promotion.reason", decision.reason)
+    return decision
+
+
+def rollback(name: str) -> Decision:
+    """Swap `champion` and `previous`: the previous champion serves again."""
+    client = MlflowClient()
+    try:
+        previous = client.get_model_version_by_alias(name, PREVIOUS)
+    except MlflowException as exc:
+        raise ValueError(f"model {name!r} has no '{PREVIOUS}' alias to roll back to.") from exc
+    champion = client.get_model_version_by_alias(name, CHAMPION)
+    client.set_registered_model_alias(name, CHAMPION, previous.version)
+    client.set_registered_model_alias(name, PREVIOUS, champion.version)
+    reason = f"rolled back from v{champion.version} to v{previous.version}"
+    client.set_model_version_tag(name, previous.version, "promotion.decision", "rollback")
+    client.set_model_version_tag(name, previous.version, "promotion.reason", reason)
+    return Decision(True, previous.version, champion.version, reason)
