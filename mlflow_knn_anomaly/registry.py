@@ -76,7 +76,7 @@ def promote(name: str, candidate: str, metric: str = "aupro", min_delta: float =
             )
         wins = value - best > min_delta
         verdict = "beats" if wins else "does not beat"
-        reason = f"{metric} {value:.4f} {verdict} champion v{champion.version} {best:.4f} by more than {min_delta}"
+        reason = f"{metric} {value:.6f} {verdict} champion v{champion.version} {best:.6f} by more than {min_delta}"
         decision = Decision(wins, version.version, champion.version, reason)
     if decision.promoted:
         if champion is not None:

@@ -1,0 +1,58 @@
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from mlflow_knn_anomaly import registry
+
+
+@pytest.fixture()
+def client(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("m")
+    yield client
+    mlflow.set_tracking_uri(None)
+
+
+def _version(client, tmp_path, aupro=None, digest="A"):
+    version = str(client.create_model_version("m", source=str(tmp_path)).version)
+    if aupro is not None:
+        client.set_model_version_tag("m", version, "eval.aupro", str(aupro))
+        client.set_model_version_tag("m", version, registry.DIGEST_TAG, digest)
+    return version
+
+
+def _alias(client, alias):
+    return str(client.get_model_version_by_alias("m", alias).version)
+
+
+def test_promotion_rule_aliases_and_rollback(client, tmp_path):
+    v1 = _version(client, tmp_path, 0.90)
+    assert registry.promote("m", v1).promoted and _alias(client, "champion") == v1
+    v2 = _version(client, tmp_path, 0.85)
+    decision = registry.promote("m", v2)
+    assert not decision.promoted and _alias(client, "champion") == v1
+    assert client.get_model_version("m", v2).tags["promotion.decision"] == "kept"
+    v3 = _version(client, tmp_path, 0.95)
+    assert not registry.promote("m", v3, min_delta=0.1).promoted
+    assert registry.promote("m", v3, min_delta=0.01).promoted
+    assert (_alias(client, "champion"), _alias(client, "previous")) == (v3, v1)
+    registry.rollback("m")
+    assert (_alias(client, "champion"), _alias(client, "previous")) == (v1, v3)
+
+
+def test_refuses_unevaluated_or_differently_evaluated_versions(client, tmp_path):
+    registry.promote("m", _version(client, tmp_path, 0.9, digest="A"))
+    with pytest.raises(ValueError, match="has no evaluation"):
+        registry.promote("m", _version(client, tmp_path))
+    with pytest.raises(ValueError, match="evaluated on other data"):
+        registry.promote("m", _version(client, tmp_path, 0.99, digest="B"))
+    with pytest.raises(ValueError, match="no version or alias 'nope'"):
+        registry.promote("m", "nope")
+
+
+def test_rollback_without_previous_is_a_clear_error(client, tmp_path):
+    registry.promote("m", _version(client, tmp_path, 0.9))
+    with pytest.raises(ValueError, match="no 'previous' alias"):
+        registry.rollback("m")
