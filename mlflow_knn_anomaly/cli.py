@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
 
 import click
@@ -105,10 +106,17 @@ def main_command(data: str, model_name: str, metric: str, min_delta: float, skip
     click.echo(json.dumps(dataclasses.asdict(decision)))
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C: runs end as FAILED, temporary directories are removed.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         cli(standalone_mode=False)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("interrupted: nothing was registered", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
