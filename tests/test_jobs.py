@@ -1,6 +1,5 @@
 """Building under bad data and faults: clear errors, nothing registered, nothing half-written."""
 
-import hashlib
 import json
 import os
 import shutil
