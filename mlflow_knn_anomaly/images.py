@@ -61,7 +61,10 @@ def load_image(item: ImageLike) -> Image.Image:
             raise ValueError(f"image exceeds the cap of {MAX_INPUT_PIXELS} pixels ({exc}); downscale it.") from exc
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             name = f"file {item}" if isinstance(item, (str, Path)) else "bytes"
-            raise ValueError(f"cannot decode image {name}: {exc}. Expected a complete PNG, JPEG, BMP or TIFF.") from exc
+            detail = "unknown image format" if isinstance(exc, UnidentifiedImageError) else str(exc)
+            raise ValueError(
+                f"cannot decode image {name}: {detail}. Expected a complete PNG, JPEG, BMP or TIFF."
+            ) from exc
     else:
         raise TypeError(
             f"unsupported image type {type(item).__name__}; pass a path, encoded bytes, "

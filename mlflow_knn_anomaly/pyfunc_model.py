@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
@@ -96,10 +97,16 @@ class SpadePyfuncModel:
         self.detector = detector
 
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Score a batch; a request that cannot be read raises MlflowException (HTTP 400 when served)."""
         if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
-            raise ValueError(f"expected a DataFrame with a column '{INPUT_COLUMN}' of encoded image bytes; got {got}.")
-        options = _check_params(params or {})
+            raise MlflowException.invalid_parameter_value(
+                f"expected a DataFrame with a column '{INPUT_COLUMN}' of encoded image bytes; got {got}."
+            )
+        try:
+            options = _check_params(params or {})
+        except ValueError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
         rows: list[dict[str, Any]] = [_empty_row() for _ in range(len(model_input))]
         good, images = [], []
         for i, value in enumerate(model_input[INPUT_COLUMN].tolist()):

@@ -3,6 +3,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mlflow_knn_anomaly.images import Geometry, load_image, prepare
@@ -89,3 +91,32 @@ def test_prepare_stacks_a_batch_of_mixed_sizes():
     batch, geometries = prepare([np.zeros((10, 20, 3), np.uint8), np.zeros((50, 40), np.uint8)], 32, 0)
     assert batch.shape == (2, 3, 32, 32)
     assert [(g.width, g.height) for g in geometries] == [(20, 10), (40, 50)]
+
+
+VALID_PNG = _encode(Image.new("RGB", (24, 16), (90, 160, 30)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_fuzz_random_bytes_decode_or_raise_value_error(data):
+    try:
+        image = load_image(data)
+    except ValueError:
+        return
+    assert image.mode == "RGB"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, len(VALID_PNG) - 1), st.integers(0, 255)), max_size=8),
+    st.integers(1, len(VALID_PNG)),
+)
+def test_fuzz_corrupted_png_decodes_or_raises_value_error(flips, length):
+    data = bytearray(VALID_PNG)
+    for position, value in flips:
+        data[position] = value
+    try:
+        image = load_image(bytes(data[:length]))
+    except ValueError:
+        return
+    assert image.mode == "RGB" and image.size[0] > 0

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from mlflow_knn_anomaly import decode_anomaly_map, decode_mask, load_model, save_model
@@ -96,7 +97,7 @@ def test_unreadable_requests_say_what_was_expected(model_dir, frame, params, mes
     from mlflow_knn_anomaly.pyfunc_model import _load_pyfunc
 
     raw = _load_pyfunc(str(model_dir / "data" / "detector"))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(MlflowException, match=message):
         raw.predict(frame, params)
 
 

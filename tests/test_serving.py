@@ -1,0 +1,162 @@
+"""A real `mlflow models serve` process on 127.0.0.1: good images, every kind of bad input."""
+
+import base64
+import io
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from mlflow_knn_anomaly import decode_mask, save_model
+from mlflow_knn_anomaly.datasets import read_test
+
+pytestmark = pytest.mark.slow
+
+
+def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _bomb_png(width: int = 40000, height: int = 40000) -> bytes:
+    """A tiny PNG whose header claims width x height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(fitted, tmp_path_factory):
+    model = tmp_path_factory.mktemp("served") / "model"
+    save_model(fitted, model)
+    port = _free_port()
+    env = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS="1")
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("mlflow models serve did not come up in 120 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _post(url: str, rows: list, params: dict | None = None, column: str = "image") -> requests.Response:
+    payload = {"dataframe_split": {"columns": [column], "data": [[r] for r in rows]}}
+    if params is not None:
+        payload["params"] = params
+    return requests.post(f"{url}/invocations", json=payload, timeout=120)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_real_images_score_with_masks_at_their_own_size(server, fitted, synthetic_root):
+    samples = read_test(synthetic_root)[::7]
+    response = _post(server, [_b64(s.path.read_bytes()) for s in samples], {"segment": "all"})
+    assert response.status_code == 200
+    rows = response.json()["predictions"]
+    expected = fitted.predict([s.path for s in samples], segment="all")
+    np.testing.assert_allclose([r["score"] for r in rows], expected.scores, rtol=1e-5)
+    for row, mask in zip(rows, expected.masks):
+        np.testing.assert_array_equal(decode_mask(row["mask"]), mask)
+
+
+def test_every_bad_row_gets_an_error_and_good_rows_still_come_back(server, synthetic_root):
+    good = read_test(synthetic_root)[0].path.read_bytes()
+    png = _encode(Image.new("RGB", (64, 64), (10, 200, 30)))
+    jpeg = _encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
+    bad = {
+        "undecodable": b"\x00\x01\x02garbage",
+        "empty": b"",
+        "text": b"just some text, not an image\n",
+        "truncated png": png[: len(png) // 2],
+        "truncated jpeg": jpeg[:200],
+        "bomb": _bomb_png(),
+    }
+    legal = {
+        "1x1": _encode(Image.new("RGB", (1, 1))),
+        "16-bit": _encode(Image.fromarray(np.full((40, 50), 40000, np.uint16))),
+        "cmyk jpeg": _encode(Image.new("CMYK", (40, 30), (0, 50, 100, 0)), "JPEG"),
+        "rgba": _encode(Image.new("RGBA", (33, 44), (1, 2, 3, 4))),
+        "palette": _encode(Image.new("RGB", (30, 30), (200, 0, 0)).convert("P")),
+        "grayscale": _encode(Image.new("L", (70, 20), 128)),
+        "bmp": _encode(Image.new("RGB", (20, 20)), "BMP"),
+        "tiff": _encode(Image.new("RGB", (20, 20)), "TIFF"),
+    }
+    rows = [good, *bad.values(), *legal.values(), good]
+    response = _post(server, [_b64(r) for r in rows], {"segment": "all"})
+    assert response.status_code == 200, response.text
+    out = response.json()["predictions"]
+    assert len(out) == len(rows)
+    for row, name in zip(out[1 : 1 + len(bad)], bad):
+        assert row["error"], name
+        assert row.get("score") is None, name
+    for row, (name, data) in zip(out[1 + len(bad) : -1], legal.items()):
+        assert row["error"] == "", (name, row["error"])
+        with Image.open(io.BytesIO(data)) as image:
+            assert decode_mask(row["mask"]).shape == (image.height, image.width), name
+    assert out[0]["score"] == out[-1]["score"] and out[0]["error"] == ""
+
+
+@pytest.mark.parametrize(
+    ("rows", "params", "column"),
+    [
+        (["aGVsbG8="], None, "picture"),
+        (["this is not base64!!"], None, "image"),
+        (["aGVsbG8="], {"segment": "sometimes"}, "image"),
+        (["aGVsbG8="], {"image_threshold": "high"}, "image"),
+    ],
+    ids=["wrong-column", "invalid-base64", "bad-segment", "ill-typed-param"],
+)
+def test_unreadable_requests_get_a_4xx_json_error_without_a_stack_trace(server, rows, params, column):
+    response = _post(server, rows, params, column)
+    assert 400 <= response.status_code < 500, response.text
+    body = response.json()
+    assert body["message"] and "stack_trace" not in body
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200
+
+
+def test_unknown_params_are_dropped_by_mlflow_with_a_warning(server, synthetic_root):
+    # MLflow's scoring server removes params that are not in the signature before predict sees them.
+    data = _b64(read_test(synthetic_root)[0].path.read_bytes())
+    response = _post(server, [data], {"colour": "red"})
+    assert response.status_code == 200 and response.json()["predictions"][0]["error"] == ""
+
+
+def test_empty_batch_returns_no_rows(server):
+    response = _post(server, [])
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"] == []
