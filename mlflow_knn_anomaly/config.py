@@ -37,6 +37,8 @@ class SpadeConfig:
             kNN (PatchCore's locally aware features); 1 disables it.
         score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 filters,
             the map's maximum scores the candidates).
+        score_margin: pixels at the border of the network input that the map-based image score
+            (two_stage) ignores; the mask and the pixel scores still cover them.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
         bank_dtype: storage dtype of the pixel feature maps.
         holdout_fraction: share of the normal images held out of the bank to calibrate thresholds.
@@ -59,6 +61,7 @@ class SpadeConfig:
     sigma: float = 4.0
     feature_pool: int = 3
     score_mode: str = "knn"
+    score_margin: int = 0
     image_index: str = "flat"
     bank_dtype: str = "float16"
     holdout_fraction: float = 0.1
@@ -86,6 +89,9 @@ class SpadeConfig:
         for name in ("resize", "k_images", "kappa", "feature_pool", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("crop", self.crop, minimum=0)
+        _check_int("score_margin", self.score_margin, minimum=0)
+        if 2 * self.score_margin >= self.input_size:
+            raise ValueError(f"score_margin={self.score_margin} leaves nothing of a {self.input_size}-px input.")
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} exceeds resize={self.resize}; use crop <= resize or 0.")
         if self.feature_pool % 2 == 0:

@@ -109,7 +109,7 @@ class SpadeDetector:
             pooled, fmaps = self.extract(inputs)
             scores, nn_indices = self._stage1(pooled)
             knn_scores.append(scores)
-            map_maxima += [float(self._stage2(fmaps, i, nn_indices[i]).max()) for i in range(len(scores))]
+            map_maxima += [self._map_score(self._stage2(fmaps, i, nn_indices[i])) for i in range(len(scores))]
         knn, maxima = np.concatenate(knn_scores), np.asarray(map_maxima)
 
         # A control limit (mean + z std) is stable with the few images a hold-out has, where a
@@ -143,6 +143,12 @@ class SpadeDetector:
             layer_maps.append(F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=False))
         score_map = torch.cat(layer_maps).mean(dim=0)[0].numpy()
         return gaussian_filter(score_map, self.config.sigma) if self.config.sigma > 0 else score_map
+
+    def _map_score(self, input_map: np.ndarray) -> float:
+        """Image score from an (S, S) map: its maximum, ignoring `score_margin` pixels at the border,
+        where zero padding inflates the features of every image (normal ones too)."""
+        m = self.config.score_margin
+        return float(input_map[m : input_map.shape[0] - m, m : input_map.shape[1] - m].max())
 
     # ---- predict ------------------------------------------------------------------------------
     def predict(
@@ -184,7 +190,7 @@ class SpadeDetector:
                 if cfg.score_mode == "two_stage":
                     # Candidates are scored by their map's maximum; the others keep their stage-1
                     # score rescaled so that the gate maps onto the image threshold (below 1.0).
-                    score = float(input_map.max()) if run and candidate else float(knn[i]) * image_t / gate
+                    score = self._map_score(input_map) if run and candidate else float(knn[i]) * image_t / gate
                 scores.append(score)
                 knn_all.append(float(knn[i]))
                 segmented.append(run)
