@@ -61,11 +61,25 @@ def cli(threads: int | None) -> None:
 @click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
 @click.option("--model-name", default="spade-anomaly", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="skip unreadable training images (logged) instead of failing")
+@click.option("--spark-master", default=None, help="extract bank features on Spark (e.g. local[2])")
 @_config_options
-def build_bank_command(data: str, model_name: str, skip_bad: bool, **options) -> None:
+def build_bank_command(data: str, model_name: str, skip_bad: bool, spark_master: str | None, **options) -> None:
     """Fit on <data>/train/good, log the model and register a new version."""
-    run_id, version = jobs.build_bank(data, _config(options), model_name, skip_bad=skip_bad)
+    run_id, version = jobs.build_bank(data, _config(options), model_name, skip_bad=skip_bad, spark_master=spark_master)
     click.echo(json.dumps({"run_id": run_id, "model_name": model_name, "version": version}))
+
+
+@cli.command("score")
+@click.option("--model-uri", default="models:/spade-anomaly@champion", show_default=True)
+@click.option("--source", required=True, help="folder of images (searched recursively)")
+@click.option("--output", required=True, help="Parquet output path (REST columns; mask as PNG bytes)")
+@click.option("--master", default=None, help="Spark master (default local[*], or SPARK_REMOTE when set)")
+def score_command(model_uri: str, source: str, output: str, master: str | None) -> None:
+    """Batch-score a folder on Apache Spark with mlflow.pyfunc.spark_udf."""
+    from . import spark
+
+    rows = spark.score(spark.session(master), model_uri, source, output)
+    click.echo(json.dumps({"rows": rows, "output": output}))
 
 
 @cli.command("evaluate")

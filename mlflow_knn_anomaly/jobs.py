@@ -47,8 +47,12 @@ def find_bad_images(paths: list[Path]) -> list[tuple[Path, str]]:
     return bad
 
 
-def build_bank(data: str, config: SpadeConfig, model_name: str, skip_bad: bool = False) -> tuple[str, str]:
+def build_bank(
+    data: str, config: SpadeConfig, model_name: str, skip_bad: bool = False, spark_master: str | None = None
+) -> tuple[str, str]:
     """Fit a detector on <data>/train/good, log it and register a new version of `model_name`.
+
+    With `spark_master`, bank features are extracted by Spark tasks (bit-identical result).
 
     Returns:
         (run id, registered version).
@@ -66,7 +70,12 @@ def build_bank(data: str, config: SpadeConfig, model_name: str, skip_bad: bool =
         mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
         mlflow.log_params({"data": data, "n_train_images": len(images)})
         start = time.perf_counter()
-        detector = SpadeDetector(config).fit(images, progress=True)
+        if spark_master:
+            from . import spark
+
+            detector = spark.build_bank(spark.session(spark_master), images, config)
+        else:
+            detector = SpadeDetector(config).fit(images, progress=True)
         seconds = time.perf_counter() - start
         fitted = detector.config
         mlflow.log_metrics(

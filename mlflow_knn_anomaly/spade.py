@@ -84,23 +84,29 @@ class SpadeDetector:
         standard deviations of the held-out scores (see `_calibrate`).
         """
         bank_items, holdout_items = split_holdout(list(images), self.config)
-        self.bank = self._build_bank(bank_items, "bank features" if progress else None)
-        self.index = ImageIndex(self.config.image_index).fit(self.bank.pooled)
-        self.config = self.config.replace(**self._calibrate(holdout_items))
+        return self.fit_bank(self._build_bank(bank_items, "bank features" if progress else None), holdout_items)
+
+    def fit_bank(self, bank: FeatureBank, holdout: list[ImageLike]) -> SpadeDetector:
+        """Adopt a bank built elsewhere (e.g. on Spark) and calibrate on the held-out images."""
+        self.bank = bank
+        self.index = ImageIndex(self.config.image_index).fit(bank.pooled)
+        self.config = self.config.replace(**self._calibrate(holdout))
         return self
 
+    def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Bank rows of one batch: pooled (n, D) float32 and maps {layer: (n, C, h, w)} in bank dtype."""
+        inputs, _ = prepare(items, self.config.resize, self.config.crop)
+        pooled, fmaps = self.extract(inputs)
+        return pooled, {k: v.numpy().astype(self.config.bank_dtype) for k, v in fmaps.items()}
+
     def _build_bank(self, items: list[ImageLike], desc: str | None) -> FeatureBank:
-        dtype = np.dtype(self.config.bank_dtype)
-        pooled: np.ndarray | None = None
-        maps: dict[str, np.ndarray] = {}
-        for start, inputs, _ in self._batches(items, desc):
-            feats, fmaps = self.extract(inputs)
-            if pooled is None:
-                pooled = np.empty((len(items), feats.shape[1]), np.float32)
-                maps = {k: np.empty((len(items), *v.shape[1:]), dtype) for k, v in fmaps.items()}
-            pooled[start : start + len(feats)] = feats
-            for name, fmap in fmaps.items():
-                maps[name][start : start + len(feats)] = fmap.numpy().astype(dtype)
+        size = self.config.batch_size
+        batches = [
+            self.bank_features(items[i : i + size])
+            for i in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=desc is None)
+        ]
+        pooled = np.concatenate([b[0] for b in batches])
+        maps = {layer: np.concatenate([b[1][layer] for b in batches]) for layer in batches[0][1]}
         return FeatureBank(pooled=pooled, maps=maps)
 
     def _calibrate(self, holdout: list[ImageLike]) -> dict[str, float]:

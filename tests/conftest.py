@@ -32,3 +32,10 @@ def fitted(synthetic_root: Path) -> SpadeDetector:
 @pytest.fixture(scope="session")
 def saved_detector(fitted: SpadeDetector, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fitted.save(tmp_path_factory.mktemp("saved") / "detector")
+
+
+@pytest.fixture(scope="session")
+def bottle() -> tuple[Path, SpadeDetector]:
+    """The shared MVTec AD bottle folder and a default detector fitted on it (skips without data)."""
+    root = shared_dataset("mvtec_bottle")
+    return root, SpadeDetector().fit(read_train(root))

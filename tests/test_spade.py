@@ -6,8 +6,6 @@ from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.spade import split_holdout
 
-from .conftest import shared_dataset
-
 
 def test_synthetic_defects_land_on_the_map_maximum_and_normals_pass(fitted, synthetic_root):
     samples = read_test(synthetic_root)
@@ -94,9 +92,8 @@ def test_two_stage_scores_candidates_by_their_map(synthetic_root):
     assert np.all(auto.normalized_scores[~candidates] < 1.0)
 
 
-def test_bottle_meets_the_accuracy_floors():
-    root = shared_dataset("mvtec_bottle")
-    detector = SpadeDetector().fit(read_train(root))
+def test_bottle_meets_the_accuracy_floors(bottle):
+    root, detector = bottle
     figures = evaluate(detector, root).metrics
     assert figures["image_auroc"] >= 0.99
     assert figures["pixel_auroc"] >= 0.975

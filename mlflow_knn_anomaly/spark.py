@@ -1,0 +1,135 @@
+"""Apache Spark: batch scoring with `mlflow.pyfunc.spark_udf`, and distributed bank building.
+
+Runs on `local[*]` by default, or on a cluster given by `--master` or `SPARK_REMOTE`; executors need
+this package installed and read access to the image paths.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from .bank import FeatureBank
+from .config import SpadeConfig
+from .datasets import IMAGE_SUFFIXES
+from .spade import SpadeDetector, split_holdout
+
+# Output columns and their Spark types. spark_udf cannot cast a numeric column that mixes values
+# with the nulls of a bad row, so every field crosses the UDF as a string and is cast back here
+# (str() of a float64 round-trips exactly).
+COLUMNS = {
+    "score": "double",
+    "normalized_score": "double",
+    "is_anomalous": "boolean",
+    "segmented": "boolean",
+    "mask": "string",
+    "error": "string",
+}
+
+
+def session(master: str | None = None, app_name: str = "mlflow-knn-anomaly"):
+    """A SparkSession: Spark Connect when SPARK_REMOTE is set, else `master` (default local[*])."""
+    from pyspark.sql import SparkSession
+
+    # Local Python workers run this interpreter (with torch), not whatever `python3` is on PATH.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name)
+    if master:
+        builder = builder.master(master)
+    elif "SPARK_REMOTE" not in os.environ:
+        builder = builder.master("local[*]")
+    return builder.getOrCreate()
+
+
+def read_images(spark, source: str):
+    """DataFrame (path, image bytes) of every image under a folder (recursively), sorted by path."""
+    glob = "*.{" + ",".join(s.lstrip(".") for s in IMAGE_SUFFIXES) + "}"
+    frame = (
+        spark.read.format("binaryFile")
+        .option("pathGlobFilter", glob)
+        .option("recursiveFileLookup", "true")
+        .load(str(Path(source).resolve()))
+    )
+    return frame.selectExpr("path", "content AS image").orderBy("path")
+
+
+def score(spark, model_uri: str, source: str, output: str) -> int:
+    """Score every image under `source` with the model and write Parquet with the REST columns.
+
+    The mask column holds PNG bytes (not base64). Undecodable files become rows with an error.
+    Returns the number of rows written.
+    """
+    from pyspark.sql import functions as F
+
+    # spark_udf loads the model once per Python worker process and reuses it for every batch.
+    result_type = ", ".join(f"{name} string" for name in COLUMNS)
+    predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=result_type, env_manager="local")
+    images = read_images(spark, source)
+    scored = images.select("path", predict(F.struct("image")).alias("r"))
+    fields = [
+        F.when(F.col(f"r.{n}") == "<NA>", None).otherwise(F.col(f"r.{n}")).cast(t).alias(n) for n, t in COLUMNS.items()
+    ]
+    scored = scored.select("path", *fields)
+    scored = scored.withColumn("mask", F.when(F.col("mask") == "", None).otherwise(F.unbase64("mask")))
+    scored.write.mode("overwrite").parquet(output)
+    return spark.read.parquet(output).count()
+
+
+def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
+    """Fit a detector whose bank features are extracted by Spark tasks; the driver assembles them.
+
+    Batches are the same as a local `fit` (sorted paths, `batch_size` images each), so the bank is
+    bit-identical to a local build of the same data.
+    """
+    bank_paths, holdout = split_holdout(list(images), config)
+    size = config.batch_size
+    rows = pd.DataFrame({"index": range(len(bank_paths)), "path": [str(p) for p in bank_paths]})
+    rows["batch"] = rows["index"] // size
+    config_json = config.to_json()
+    # Convolution sums are ordered by thread count: executors use the driver's count so that the
+    # features, and the bank, are bit-identical to a local build.
+    threads = torch.get_num_threads()
+
+    def extract(batch: pd.DataFrame) -> pd.DataFrame:
+        torch.set_num_threads(threads)
+        detector = _executor_detector(config_json)
+        batch = batch.sort_values("index")
+        pooled, maps = detector.bank_features([Path(p) for p in batch["path"]])
+        out = {"index": batch["index"].to_numpy(), "pooled": [row.tobytes() for row in pooled]}
+        for layer, array in maps.items():
+            out[layer] = [row.tobytes() for row in array]
+        return pd.DataFrame(out)
+
+    detector = SpadeDetector(config)
+    layers = list(detector.backbone.layers)
+    schema = "index long, pooled binary, " + ", ".join(f"`{layer}` binary" for layer in layers)
+    frame = spark.createDataFrame(rows).groupBy("batch").applyInPandas(extract, schema=schema)
+    collected = frame.toPandas().sort_values("index")
+    with_shapes = detector.bank_features(bank_paths[:1])  # shapes and dtypes of one bank row
+    pooled = np.stack([np.frombuffer(b, np.float32) for b in collected["pooled"]])
+    maps = {
+        layer: np.stack(
+            [
+                np.frombuffer(b, with_shapes[1][layer].dtype).reshape(with_shapes[1][layer].shape[1:])
+                for b in collected[layer]
+            ]
+        )
+        for layer in layers
+    }
+    return detector.fit_bank(FeatureBank(pooled=pooled, maps=maps), holdout)
+
+
+_DETECTORS: dict[str, SpadeDetector] = {}
+
+
+def _executor_detector(config_json: str) -> SpadeDetector:
+    """One backbone per executor process, reused by every batch it extracts."""
+    if config_json not in _DETECTORS:
+        _DETECTORS[config_json] = SpadeDetector(SpadeConfig.from_json(config_json))
+    return _DETECTORS[config_json]

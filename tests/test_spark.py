@@ -1,0 +1,67 @@
+"""Apache Spark on a real local[2] session: batch scoring and distributed bank building."""
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, decode_mask, save_model
+from mlflow_knn_anomaly.datasets import read_test, read_train
+
+pyspark = pytest.importorskip("pyspark", reason="pyspark is not installed: pip install '.[spark]'")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def spark():
+    if shutil.which("java") is None:
+        pytest.skip("Spark needs Java (java not found on PATH)")
+    from mlflow_knn_anomaly.spark import session
+
+    spark = session("local[2]")
+    yield spark
+    spark.stop()
+
+
+def _hashes(path):
+    return json.loads((path / "config.json").read_text())["sha256"]
+
+
+def test_spark_built_bank_is_byte_identical_to_a_local_build(spark, synthetic_root, tmp_path):
+    from mlflow_knn_anomaly.spark import build_bank
+
+    images = read_train(synthetic_root)
+    remote = build_bank(spark, images, SpadeConfig()).save(tmp_path / "spark")
+    local = SpadeDetector(SpadeConfig()).fit(images).save(tmp_path / "local")
+    assert _hashes(remote) == _hashes(local)
+
+
+def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_path):
+    from mlflow_knn_anomaly.spark import score
+
+    root, detector = bottle
+    save_model(detector, tmp_path / "model")
+    source = tmp_path / "images"
+    shutil.copytree(root / "test", source)
+    (source / "broken.png").write_bytes(b"not a png")
+    rows = score(spark, str(tmp_path / "model"), str(source), str(tmp_path / "out.parquet"))
+    out = pd.read_parquet(tmp_path / "out.parquet").sort_values("path").reset_index(drop=True)
+    samples = read_test(root)
+    assert rows == len(samples) + 1
+    broken = out[out["path"].str.endswith("broken.png")]
+    assert len(broken) == 1 and broken["error"].iloc[0] and pd.isna(broken["score"].iloc[0])
+    good = out.drop(broken.index).reset_index(drop=True)
+    names = [f"{s.defect_type}/{s.path.name}" for s in samples]
+    order = np.argsort(names)
+    expected = detector.predict([samples[i].path for i in order])
+    assert list(good["path"].str.split("/").str[-2:].str.join("/")) == [names[i] for i in order]
+    np.testing.assert_allclose(good["score"].to_numpy(float), expected.scores, rtol=1e-5)
+    for mask_png, mask, segmented in zip(good["mask"], expected.masks, expected.segmented):
+        if segmented:
+            import base64
+
+            np.testing.assert_array_equal(decode_mask(base64.b64encode(mask_png).decode()), mask)
+        else:
+            assert mask_png is None
