@@ -44,9 +44,9 @@ def _config_options(command):
 
 def _config(options: dict) -> SpadeConfig:
     values = {f.name: options.pop(f.name) for f in _FIELDS}
-    for name in ("image_threshold", "pixel_threshold", "candidate_threshold"):
-        if values[name] is not None and values[name] <= 0:
-            values[name] = None  # MLproject cannot pass None: 0 means "calibrate"
+    for field in _FIELDS:
+        if field.default is None and values[field.name] is not None and values[field.name] <= 0:
+            values[field.name] = None  # MLproject cannot pass None: 0 means "calibrate"
     return SpadeConfig(**values)
 
 

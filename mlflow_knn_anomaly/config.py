@@ -48,6 +48,8 @@ class SpadeConfig:
         image_threshold: image-score threshold; None until calibrated (or set by the user).
         pixel_threshold: anomaly-map threshold of the mask; None until calibrated.
         candidate_threshold: stage-1 threshold that sends an image to stage 2 in two_stage mode.
+        knn_mean, knn_std, map_mean, map_std: held-out normal statistics of the stage-1 score and
+            of the map score, calibrated by fit; two_stage puts both on one scale with them.
         batch_size: images per backbone forward pass.
     """
 
@@ -55,13 +57,13 @@ class SpadeConfig:
     weights: str = "default"
     layers: tuple[str, ...] = ()
     resize: int = 256
-    crop: int = 224
+    crop: int = 0
     k_images: int = 5
     kappa: int = 1
     sigma: float = 4.0
     feature_pool: int = 3
-    score_mode: str = "knn"
-    score_margin: int = 0
+    score_mode: str = "two_stage"
+    score_margin: int = 16
     image_index: str = "flat"
     bank_dtype: str = "float16"
     holdout_fraction: float = 0.1
@@ -70,6 +72,10 @@ class SpadeConfig:
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     candidate_threshold: float | None = None
+    knn_mean: float | None = None
+    knn_std: float | None = None
+    map_mean: float | None = None
+    map_std: float | None = None
     batch_size: int = 16
 
     def __post_init__(self) -> None:
@@ -104,7 +110,15 @@ class SpadeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not -3.0 <= value <= 10.0:
                 raise ValueError(f"{name}={value!r} must be a number in [-3, 10].")
-        for name in ("image_threshold", "pixel_threshold", "candidate_threshold"):
+        for name in (
+            "image_threshold",
+            "pixel_threshold",
+            "candidate_threshold",
+            "knn_mean",
+            "knn_std",
+            "map_mean",
+            "map_std",
+        ):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive number or None (calibrate).")

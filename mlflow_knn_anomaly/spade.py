@@ -110,26 +110,36 @@ class SpadeDetector:
         return FeatureBank(pooled=pooled, maps=maps)
 
     def _calibrate(self, holdout: list[ImageLike]) -> dict[str, float]:
-        knn_scores, map_maxima = [], []
+        knn_scores, map_maxima, map_scores = [], [], []
         for _, inputs, _ in self._batches(holdout, None):
             pooled, fmaps = self.extract(inputs)
             scores, nn_indices = self._stage1(pooled)
             knn_scores.append(scores)
-            map_maxima += [self._map_score(self._stage2(fmaps, i, nn_indices[i])) for i in range(len(scores))]
-        knn, maxima = np.concatenate(knn_scores), np.asarray(map_maxima)
-
-        # A control limit (mean + z std) is stable with the few images a hold-out has, where a
+            for i in range(len(scores)):
+                input_map = self._stage2(fmaps, i, nn_indices[i])
+                map_maxima.append(float(input_map.max()))
+                map_scores.append(self._map_score(input_map))
+        knn, maxima, map_score = np.concatenate(knn_scores), np.asarray(map_maxima), np.asarray(map_scores)
+        # Control limits (mean + z std) are stable with the few images a hold-out has, where a
         # high quantile would just be the maximum of a handful of scores.
-        def limit(values: np.ndarray, sigmas: float) -> float:
-            return float(values.mean() + sigmas * values.std(ddof=1))
-
         z = self.config.threshold_sigmas
-        calibrated = {
-            "image_threshold": limit(knn if self.config.score_mode == "knn" else maxima, z),
-            "pixel_threshold": limit(maxima, z),
-            "candidate_threshold": limit(knn, self.config.candidate_sigmas),
+        stats = {
+            "knn_mean": float(knn.mean()),
+            "knn_std": float(knn.std(ddof=1)),
+            "map_mean": float(map_score.mean()),
+            "map_std": float(map_score.std(ddof=1)),
         }
-        # A threshold the user set in the config wins over the calibrated one.
+        calibrated = {
+            **stats,
+            "image_threshold": (
+                stats["knn_mean"] + z * stats["knn_std"]
+                if self.config.score_mode == "knn"
+                else stats["map_mean"] + z * stats["map_std"]
+            ),
+            "pixel_threshold": float(maxima.mean() + z * maxima.std(ddof=1)),
+            "candidate_threshold": stats["knn_mean"] + self.config.candidate_sigmas * stats["knn_std"],
+        }
+        # A value the user set in the config wins over the calibrated one.
         return {k: v if getattr(self.config, k) is None else getattr(self.config, k) for k, v in calibrated.items()}
 
     # ---- the two stages -----------------------------------------------------------------------
@@ -194,9 +204,10 @@ class SpadeDetector:
                     full_map = geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map)))
                     mask = full_map >= pixel_t
                 if cfg.score_mode == "two_stage":
-                    # Candidates are scored by their map's maximum; the others keep their stage-1
-                    # score rescaled so that the gate maps onto the image threshold (below 1.0).
-                    score = self._map_score(input_map) if run and candidate else float(knn[i]) * image_t / gate
+                    # Candidates are scored by their map; the others by their stage-1 score put on
+                    # the map's scale through z-scores of held-out normal images (same sigmas).
+                    z_knn = (knn[i] - cfg.knn_mean) / cfg.knn_std
+                    score = self._map_score(input_map) if run and candidate else cfg.map_mean + cfg.map_std * z_knn
                 scores.append(score)
                 knn_all.append(float(knn[i]))
                 segmented.append(run)

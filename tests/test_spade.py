@@ -27,10 +27,11 @@ def test_maps_and_masks_come_back_at_the_input_size(fitted):
     assert prediction.masks[0].dtype == bool
 
 
-def test_gating_segments_only_images_past_the_threshold(fitted, synthetic_root):
+def test_gating_segments_only_images_past_the_stage1_gate(fitted, synthetic_root):
     paths = [s.path for s in read_test(synthetic_root)]
     auto = fitted.predict(paths)
-    np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= fitted.config.image_threshold)
+    gate = fitted.config.candidate_threshold  # the default score_mode is two_stage
+    np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= gate)
     assert all((m is None) == (not s) for m, s in zip(auto.maps, auto.segmented))
     assert not fitted.predict(paths[:2], segment="none").segmented.any()
     np.testing.assert_allclose(auto.normalized_scores, auto.scores / fitted.config.image_threshold)
@@ -39,7 +40,7 @@ def test_gating_segments_only_images_past_the_threshold(fitted, synthetic_root):
 def test_threshold_overrides_change_the_verdict(fitted, synthetic_root):
     path = read_test(synthetic_root)[0].path
     low = fitted.predict([path], segment="all", image_threshold=1e-6, pixel_threshold=1e-6)
-    assert low.is_anomalous[0] and low.masks[0].mean() > 0.7  # all but the border outside the crop
+    assert low.is_anomalous[0] and low.masks[0].all()
     with pytest.raises(ValueError, match="positive"):
         fitted.predict([path], image_threshold=-2.0)
     with pytest.raises(ValueError, match="segment='some'"):
@@ -79,17 +80,26 @@ def test_too_few_normal_images_is_an_error_before_any_work():
         split_holdout(list(range(8)), SpadeConfig(k_images=5))
 
 
-def test_two_stage_scores_candidates_by_their_map(synthetic_root):
-    detector = SpadeDetector(SpadeConfig(score_mode="two_stage")).fit(read_train(synthetic_root))
+def test_two_stage_scores_candidates_by_their_map_and_the_rest_by_stage1(fitted, synthetic_root):
+    cfg = fitted.config
     paths = [s.path for s in read_test(synthetic_root)]
-    auto = detector.predict(paths)
-    every = detector.predict(paths, segment="all")
-    candidates = auto.knn_scores >= detector.config.candidate_threshold
+    auto = fitted.predict(paths)
+    every = fitted.predict(paths, segment="all")
+    candidates = auto.knn_scores >= cfg.candidate_threshold
     np.testing.assert_array_equal(auto.segmented, candidates)
     np.testing.assert_allclose(auto.scores, every.scores)  # the score does not depend on segment
-    maxima = np.array([m.max() if m is not None else np.nan for m in auto.maps])
-    assert np.all(auto.scores[candidates] >= maxima[candidates] * 0.99)
+    maxima = np.array([m.max() for m in every.maps])
+    assert np.all(auto.scores[candidates] <= maxima[candidates] + 1e-6)  # the margin only removes pixels
+    z_knn = (auto.knn_scores[~candidates] - cfg.knn_mean) / cfg.knn_std
+    np.testing.assert_allclose(auto.scores[~candidates], cfg.map_mean + cfg.map_std * z_knn)
     assert np.all(auto.normalized_scores[~candidates] < 1.0)
+
+
+def test_knn_mode_reports_the_papers_stage1_score(synthetic_root):
+    detector = SpadeDetector(SpadeConfig(score_mode="knn")).fit(read_train(synthetic_root))
+    auto = detector.predict([s.path for s in read_test(synthetic_root)])
+    np.testing.assert_array_equal(auto.scores, auto.knn_scores)
+    np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= detector.config.image_threshold)
 
 
 def test_bottle_meets_the_accuracy_floors(bottle):
