@@ -21,6 +21,9 @@ from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 VARIANTS: dict[str, dict] = {
+    "default": {},
+    "default_knn": {"score_mode": "knn"},
+    "default_candidate_-0.5": {"candidate_sigmas": -0.5},
     "paper": {"crop": 224, "feature_pool": 1, "score_mode": "knn"},
     "paper_pool3": {"crop": 224, "feature_pool": 3, "score_mode": "knn"},
     "crop224_two_stage": {"crop": 224, "score_mode": "two_stage"},

@@ -118,7 +118,7 @@ def test_same_data_gives_bit_identical_banks_across_processes_and_disk_order(tmp
 KILLER = textwrap.dedent(
     """
     # Fault injection by monkeypatch: the second feature batch of the build raises or signals.
-    import os, signal, sys
+    import os, signal, sys, time
     from mlflow_knn_anomaly import cli, spade
 
     fault = sys.argv[1]
@@ -131,6 +131,7 @@ KILLER = textwrap.dedent(
             if fault == "exception":
                 raise RuntimeError("injected fault")
             os.kill(os.getpid(), getattr(signal, fault))
+            time.sleep(30)  # the signal lands here, not in some destructor that would swallow it
         return original(self, inputs)
 
     spade.SpadeDetector.extract = extract
