@@ -46,7 +46,8 @@ def main() -> None:
     local_seconds = time.perf_counter() - start
     print(f"| in-process predict (segment=auto) | {len(paths) / local_seconds:.1f} images/s |")
     print(
-        f"| Spark {args.master}, spark_udf | {rows / spark_seconds:.1f} images/s ({rows} images, {spark_seconds:.1f} s) |"
+        f"| Spark {args.master}, spark_udf | {rows / spark_seconds:.1f} images/s "
+        f"({rows} images, {spark_seconds:.1f} s) |"
     )
     print(f"| Spark job over 1 image (per-job overhead, model load included) | {overhead:.1f} s |")
 
