@@ -24,6 +24,8 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "default_knn": {"score_mode": "knn"},
     "default_candidate_-0.5": {"candidate_sigmas": -0.5},
+    "default_reduce16": {"reduce_channels": 16},
+    "default_reduce8": {"reduce_channels": 8},
     "paper": {"crop": 224, "feature_pool": 1, "score_mode": "knn"},
     "paper_pool3": {"crop": 224, "feature_pool": 3, "score_mode": "knn"},
     "crop224_two_stage": {"crop": 224, "score_mode": "two_stage"},

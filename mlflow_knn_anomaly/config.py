@@ -35,6 +35,8 @@ class SpadeConfig:
         sigma: Gaussian smoothing of the anomaly map, in pixels of the network input.
         feature_pool: side of the neighbourhood averaged around each feature before the pixel
             kNN (PatchCore's locally aware features); 1 disables it.
+        reduce_channels: project each layer with more channels than this onto this many with a
+            fixed random projection (smaller bank, approximate distances); 0 keeps all channels.
         score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 filters,
             the map's maximum scores the candidates).
         score_margin: pixels at the border of the network input that the map-based image score
@@ -62,6 +64,7 @@ class SpadeConfig:
     kappa: int = 1
     sigma: float = 4.0
     feature_pool: int = 3
+    reduce_channels: int = 0
     score_mode: str = "two_stage"
     score_margin: int = 16
     image_index: str = "flat"
@@ -96,6 +99,7 @@ class SpadeConfig:
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("crop", self.crop, minimum=0)
         _check_int("score_margin", self.score_margin, minimum=0)
+        _check_int("reduce_channels", self.reduce_channels, minimum=0)
         if 2 * self.score_margin >= self.input_size:
             raise ValueError(f"score_margin={self.score_margin} leaves nothing of a {self.input_size}-px input.")
         if self.crop > self.resize:

@@ -8,6 +8,8 @@ the layer maps are upsampled, averaged and Gaussian-smoothed.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,10 +64,15 @@ class SpadeDetector:
         """Pooled (N, D) float32 features and locally aggregated maps {layer: (N, C, h, w)}."""
         pyramid = self.backbone.extract(inputs)
         p = self.config.feature_pool
-        maps = {
-            name: fmap if p == 1 else F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
-            for name, fmap in pyramid.maps.items()
-        }
+        maps = {}
+        for name, fmap in pyramid.maps.items():
+            if p > 1:
+                fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
+            if 0 < self.config.reduce_channels < fmap.shape[1]:
+                fmap = torch.einsum(
+                    "nchw,cr->nrhw", fmap, random_projection(name, fmap.shape[1], self.config.reduce_channels)
+                )
+            maps[name] = fmap
         return pyramid.pooled.float().numpy(), maps
 
     def _batches(self, items: list[ImageLike], desc: str | None):
@@ -243,6 +250,16 @@ class SpadeDetector:
 
 
 MIN_HOLDOUT = 5
+
+
+@functools.lru_cache(maxsize=32)
+def random_projection(layer: str, channels: int, reduced: int) -> torch.Tensor:
+    """A fixed (channels, reduced) Gaussian projection, scaled by 1/sqrt(reduced) so that distances
+    are preserved in expectation (Johnson-Lindenstrauss). Seeded by the layer name: the same in
+    every process, so it is rebuilt at load instead of being stored."""
+    seed = int.from_bytes(hashlib.sha256(f"{layer}:{channels}:{reduced}".encode()).digest()[:8], "little")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(channels, reduced, generator=generator) / reduced**0.5
 
 
 def split_holdout(items: list[ImageLike], config: SpadeConfig) -> tuple[list[ImageLike], list[ImageLike]]:

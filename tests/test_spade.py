@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
@@ -108,3 +109,14 @@ def test_bottle_meets_the_accuracy_floors(bottle):
     assert figures["image_auroc"] >= 0.99
     assert figures["pixel_auroc"] >= 0.975
     assert figures["aupro"] >= 0.93
+
+
+def test_random_projection_is_fixed_and_roughly_preserves_distances():
+    from mlflow_knn_anomaly.spade import random_projection
+
+    a = random_projection("blocks.4", 112, 64)
+    assert torch.equal(a, random_projection.__wrapped__("blocks.4", 112, 64))  # rebuilt, not cached
+    assert not torch.equal(a, random_projection.__wrapped__("blocks.2", 112, 64))
+    x = torch.randn(200, 112, generator=torch.Generator().manual_seed(0))
+    ratio = torch.pdist(x @ a) / torch.pdist(x)
+    assert 0.85 < float(ratio.mean()) < 1.15
