@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -145,7 +146,13 @@ KILLER = textwrap.dedent(
 @pytest.mark.parametrize("fault", ["exception", "SIGINT", "SIGTERM", "SIGKILL"])
 def test_interrupted_build_registers_nothing_and_a_rerun_succeeds(tracking, small_data, tmp_path, fault):
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking)
-    done = subprocess.run([sys.executable, "-c", KILLER, fault, str(small_data)], env=env, timeout=300)
+    # A shell's background job inherits SIGINT ignored; give the build the default disposition.
+    done = subprocess.run(
+        [sys.executable, "-c", KILLER, fault, str(small_data)],
+        env=env,
+        timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert done.returncode != 0
     assert _versions(tracking) == []
     runs = mlflow.search_runs(search_all_experiments=True)

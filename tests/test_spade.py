@@ -1,6 +1,6 @@
 import numpy as np
-import torch
 import pytest
+import torch
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
 from mlflow_knn_anomaly.datasets import read_test, read_train
