@@ -79,7 +79,7 @@ class SpadeConfig:
     knn_std: float | None = None
     map_mean: float | None = None
     map_std: float | None = None
-    batch_size: int = 16
+    batch_size: int = 4
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
