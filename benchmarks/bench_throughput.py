@@ -41,7 +41,7 @@ def main() -> None:
 
     detector = SpadeDetector(config)
     print("| build batch size | images/s |\n|---|---|")
-    for batch in (1, 8, 16, 32):
+    for batch in (1, 2, 4, 8, 16, 32):
         start = time.perf_counter()
         for i in range(0, len(train), batch):
             inputs, _ = prepare(train[i : i + batch], config.resize, config.crop)
