@@ -58,7 +58,8 @@ def main(root: str) -> None:
                 candidate, t_map / (h_map.mean() + 3 * h_map.std(ddof=1)), tk / (hk.mean() + c * hk.std(ddof=1))
             )
             print(
-                f"| {name} | {c} | {candidate.mean():.2f} | {image_auroc(y, z_mix):.4f} | {image_auroc(y, lin_mix):.4f} |"
+                f"| {name} | {c} | {candidate.mean():.2f} | "
+                f"{image_auroc(y, z_mix):.4f} | {image_auroc(y, lin_mix):.4f} |"
             )
 
 
