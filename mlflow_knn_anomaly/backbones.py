@@ -7,6 +7,7 @@ input normalisation. `Backbone.extract` returns one `FeaturePyramid` keyed by la
 from __future__ import annotations
 
 import importlib
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,7 @@ class Backbone(nn.Module):
         for name in self.layers:
             spec.layer(name)  # fails fast with the valid names
         self._captured: dict[str, torch.Tensor] = {}
+        self._lock = threading.Lock()
         for name in {*self.layers, spec.pooled_layer}:
             self.model.get_submodule(name).register_forward_hook(self._hook(name))
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
@@ -134,11 +136,14 @@ class Backbone(nn.Module):
         Returns:
             FeaturePyramid with pooled (N, D) and maps {layer: (N, C, H/stride, W/stride)}.
         """
-        self._captured.clear()
-        self.model((images - self.mean) / self.std)
-        pooled = self._captured[self.spec.pooled_layer].mean(dim=(2, 3))
-        maps = {name: self._captured[name] for name in self.layers}
-        self._captured.clear()
+        # The hooks write into one dict: a lock keeps concurrent callers (a server's request
+        # threads) from reading each other's features. torch still uses its threads inside.
+        with self._lock:
+            self._captured.clear()
+            self.model((images - self.mean) / self.std)
+            pooled = self._captured[self.spec.pooled_layer].mean(dim=(2, 3))
+            maps = {name: self._captured[name] for name in self.layers}
+            self._captured.clear()
         return FeaturePyramid(pooled=pooled, maps=maps)
 
 

@@ -120,3 +120,13 @@ def test_random_projection_is_fixed_and_roughly_preserves_distances():
     x = torch.randn(200, 112, generator=torch.Generator().manual_seed(0))
     ratio = torch.pdist(x @ a) / torch.pdist(x)
     assert 0.85 < float(ratio.mean()) < 1.15
+
+
+def test_concurrent_predicts_equal_sequential_ones(fitted, synthetic_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [s.path for s in read_test(synthetic_root)][::2]
+    sequential = [fitted.predict([p], segment="all").scores[0] for p in paths]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda p: fitted.predict([p], segment="all").scores[0], paths))
+    np.testing.assert_array_equal(concurrent, sequential)
