@@ -5,7 +5,7 @@
 Starts the server itself (127.0.0.1 only), sends real images (base64, one per request) from
 `--data` (default: the synthetic set) with `--segment`, and reports requests/s, latency
 p50/p95/p99, errors, and the server's memory (RSS and PSS summed over its processes; PSS counts
-shared, memory-mapped bank pages once) at start and end.
+shared, memory-mapped bank pages once) after a warm-up under the same load, and at the end.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--segment", default="auto", choices=["auto", "all", "none"])
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before measuring")
     parser.add_argument("--data", type=Path, default=None)
     args = parser.parse_args()
 
@@ -88,47 +89,52 @@ def main() -> None:
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        warm = {"dataframe_split": {"columns": ["image"], "data": [[images[0]]]}, "params": {"segment": "all"}}
-        for _ in range(2 * args.workers):
-            requests.post(f"{url}/invocations", json=warm, timeout=120)  # load lazily-initialised pieces
+
+        def run_clients(seconds: float) -> tuple[list[float], int]:
+            latencies: list[float] = []
+            errors = [0]
+            lock = threading.Lock()
+            deadline = time.perf_counter() + seconds
+
+            def client(offset: int) -> None:
+                session = requests.Session()
+                i = offset
+                while time.perf_counter() < deadline:
+                    payload = {
+                        "dataframe_split": {"columns": ["image"], "data": [[images[i % len(images)]]]},
+                        "params": {"segment": args.segment},
+                    }
+                    t = time.perf_counter()
+                    try:
+                        response = session.post(f"{url}/invocations", json=payload, timeout=120)
+                        ok = response.status_code == 200 and response.json()["predictions"][0]["error"] == ""
+                    except requests.RequestException:
+                        ok = False
+                    with lock:
+                        latencies.append(time.perf_counter() - t)
+                        errors[0] += 0 if ok else 1
+                    i += args.clients
+
+            threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return latencies, errors[0]
+
+        # Warm up with the same load: lazy initialisation and the allocator's per-thread pools
+        # settle here, so that the measured growth is what a long-running server would show.
+        run_clients(args.warmup)
         rss0, pss0 = memory_mb(server.pid)
-        latencies: list[float] = []
-        errors = [0]
-        lock = threading.Lock()
-        deadline = time.perf_counter() + args.seconds
-
-        def client(offset: int) -> None:
-            session = requests.Session()
-            i = offset
-            while time.perf_counter() < deadline:
-                payload = {
-                    "dataframe_split": {"columns": ["image"], "data": [[images[i % len(images)]]]},
-                    "params": {"segment": args.segment},
-                }
-                t = time.perf_counter()
-                try:
-                    response = session.post(f"{url}/invocations", json=payload, timeout=120)
-                    ok = response.status_code == 200 and response.json()["predictions"][0]["error"] == ""
-                except requests.RequestException:
-                    ok = False
-                with lock:
-                    latencies.append(time.perf_counter() - t)
-                    errors[0] += 0 if ok else 1
-                i += args.clients
-
         start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        latencies, errors = run_clients(args.seconds)
         elapsed = time.perf_counter() - start
         rss1, pss1 = memory_mb(server.pid)
         p50, p95, p99 = np.percentile(np.array(latencies) * 1000, [50, 95, 99])
         print(
             f"workers={args.workers} clients={args.clients} segment={args.segment} seconds={elapsed:.0f} "
             f"requests={len(latencies)} req/s={len(latencies) / elapsed:.2f} p50={p50:.0f}ms p95={p95:.0f}ms "
-            f"p99={p99:.0f}ms errors={errors[0]} rss_mb={rss0:.0f}->{rss1:.0f} ({100 * (rss1 / rss0 - 1):+.1f}%) "
+            f"p99={p99:.0f}ms errors={errors} rss_mb={rss0:.0f}->{rss1:.0f} ({100 * (rss1 / rss0 - 1):+.1f}%) "
             f"pss_mb={pss0:.0f}->{pss1:.0f}"
         )
     finally:

@@ -160,3 +160,16 @@ def test_empty_batch_returns_no_rows(server):
     response = _post(server, [])
     assert response.status_code == 200, response.text
     assert response.json()["predictions"] == []
+
+
+def test_concurrent_requests_all_succeed_and_match_sequential_ones(server, synthetic_root):
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [_b64(s.path.read_bytes()) for s in read_test(synthetic_root)[:12]]
+    sequential = [_post(server, [image], {"segment": "all"}).json()["predictions"][0] for image in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        responses = list(pool.map(lambda image: _post(server, [image], {"segment": "all"}), images))
+    assert all(r.status_code == 200 for r in responses)
+    concurrent = [r.json()["predictions"][0] for r in responses]
+    assert [r["error"] for r in concurrent] == [""] * len(images)
+    assert [r["score"] for r in concurrent] == [r["score"] for r in sequential]

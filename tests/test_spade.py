@@ -130,3 +130,15 @@ def test_concurrent_predicts_equal_sequential_ones(fitted, synthetic_root):
     with ThreadPoolExecutor(max_workers=4) as pool:
         concurrent = list(pool.map(lambda p: fitted.predict([p], segment="all").scores[0], paths))
     np.testing.assert_array_equal(concurrent, sequential)
+
+
+def test_loading_warns_when_a_library_major_version_differs(saved_detector, tmp_path):
+    import json
+    import shutil
+
+    copy = shutil.copytree(saved_detector, tmp_path / "old")
+    record = json.loads((copy / "config.json").read_text())
+    record["versions"]["torch"] = "1.13.1"
+    (copy / "config.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="torch 1.13.1"):
+        SpadeDetector.load(copy)
