@@ -71,7 +71,7 @@ def build_bank_command(data: str, model_name: str, skip_bad: bool, spark_master:
 
 @cli.command("score")
 @click.option("--model-uri", default="models:/spade-anomaly@champion", show_default=True)
-@click.option("--source", required=True, help="folder of images (searched recursively)")
+@click.option("--source", required=True, help="folder of images (recursive) or .parquet table: path[, image]")
 @click.option("--output", required=True, help="Parquet output path (REST columns; mask as PNG bytes)")
 @click.option("--master", default=None, help="Spark master (default local[*], or SPARK_REMOTE when set)")
 def score_command(model_uri: str, source: str, output: str, master: str | None) -> None:

@@ -48,7 +48,17 @@ def session(master: str | None = None, app_name: str = "mlflow-knn-anomaly"):
 
 
 def read_images(spark, source: str):
-    """DataFrame (path, image bytes) of every image under a folder (recursively), sorted by path."""
+    """DataFrame (path, image bytes), sorted by path, from a folder of images (searched
+    recursively) or from a Parquet table with a `path` column and, optionally, an `image`
+    column of encoded bytes (without it, the paths are read)."""
+    if source.endswith(".parquet"):
+        table = spark.read.parquet(source)
+        if "path" not in table.columns:
+            raise ValueError(f"{source} has columns {table.columns}; expected 'path' and optionally 'image'.")
+        if "image" in table.columns:
+            return table.select("path", "image").orderBy("path")
+        paths = [row.path for row in table.select("path").collect()]
+        return spark.read.format("binaryFile").load(paths).selectExpr("path", "content AS image").orderBy("path")
     glob = "*.{" + ",".join(s.lstrip(".") for s in IMAGE_SUFFIXES) + "}"
     frame = (
         spark.read.format("binaryFile")
@@ -60,7 +70,7 @@ def read_images(spark, source: str):
 
 
 def score(spark, model_uri: str, source: str, output: str) -> int:
-    """Score every image under `source` with the model and write Parquet with the REST columns.
+    """Score every image of `source` (see `read_images`) and write Parquet with the REST columns.
 
     The mask column holds PNG bytes (not base64). Undecodable files become rows with an error.
     Returns the number of rows written.

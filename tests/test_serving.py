@@ -115,6 +115,7 @@ def test_every_bad_row_gets_an_error_and_good_rows_still_come_back(server, synth
         "grayscale": _encode(Image.new("L", (70, 20), 128)),
         "bmp": _encode(Image.new("RGB", (20, 20)), "BMP"),
         "tiff": _encode(Image.new("RGB", (20, 20)), "TIFF"),
+        "huge 4000x3000": _encode(Image.new("RGB", (4000, 3000), (90, 90, 90))),
     }
     rows = [good, *bad.values(), *legal.values(), good]
     response = _post(server, [_b64(r) for r in rows], {"segment": "all"})

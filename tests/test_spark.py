@@ -65,3 +65,17 @@ def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_pa
             np.testing.assert_array_equal(decode_mask(base64.b64encode(mask_png).decode()), mask)
         else:
             assert mask_png is None
+
+
+def test_a_parquet_table_of_image_bytes_scores_like_the_folder(spark, saved_detector, synthetic_root, tmp_path):
+    from mlflow_knn_anomaly.spark import score
+
+    model = tmp_path / "model"
+    save_model(SpadeDetector.load(saved_detector), model)
+    samples = read_test(synthetic_root)[:6]
+    table = pd.DataFrame({"path": [str(s.path) for s in samples], "image": [s.path.read_bytes() for s in samples]})
+    table.to_parquet(tmp_path / "table.parquet")
+    score(spark, str(model), str(tmp_path / "table.parquet"), str(tmp_path / "out.parquet"))
+    out = pd.read_parquet(tmp_path / "out.parquet").sort_values("path")
+    expected = SpadeDetector.load(saved_detector).predict([s.path for s in sorted(samples, key=lambda s: str(s.path))])
+    np.testing.assert_allclose(out["score"].to_numpy(float), expected.scores, rtol=1e-5)
