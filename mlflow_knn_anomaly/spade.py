@@ -132,9 +132,9 @@ class SpadeDetector:
         z = self.config.threshold_sigmas
         stats = {
             "knn_mean": float(knn.mean()),
-            "knn_std": float(knn.std(ddof=1)),
+            "knn_std": max(float(knn.std(ddof=1)), 1e-12),  # identical hold-out images have std 0
             "map_mean": float(map_score.mean()),
-            "map_std": float(map_score.std(ddof=1)),
+            "map_std": max(float(map_score.std(ddof=1)), 1e-12),
         }
         calibrated = {
             **stats,
