@@ -29,16 +29,12 @@ VARIANTS: dict[str, dict] = {
     "paper": {"crop": 224, "feature_pool": 1, "score_mode": "knn"},
     "paper_pool3": {"crop": 224, "feature_pool": 3, "score_mode": "knn"},
     "crop0": {"crop": 0, "score_mode": "knn"},
-    "crop0_pool1_two_stage_margin16": {"crop": 0, "feature_pool": 1, "score_mode": "two_stage", "score_margin": 16},
-    "crop0_k10_two_stage_margin16": {"crop": 0, "k_images": 10, "score_mode": "two_stage", "score_margin": 16},
-    "crop0_kappa3_two_stage_margin16": {"crop": 0, "kappa": 3, "score_mode": "two_stage", "score_margin": 16},
-    "r320_crop0_two_stage_margin20": {"resize": 320, "crop": 0, "score_mode": "two_stage", "score_margin": 20},
-    "lite2_crop0_two_stage_margin16": {
-        "backbone": "efficientnet_lite2",
-        "crop": 0,
-        "score_mode": "two_stage",
-        "score_margin": 16,
-    },
+    "default_pool1": {"feature_pool": 1},
+    "default_k10": {"k_images": 10},
+    "default_kappa3": {"kappa": 3},
+    "default_r224": {"resize": 224, "score_margin": 14},
+    "default_r320": {"resize": 320, "score_margin": 20},
+    "default_lite2": {"backbone": "efficientnet_lite2"},
 }
 COLUMNS = (
     "image AUROC",
