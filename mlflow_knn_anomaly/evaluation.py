@@ -48,12 +48,7 @@ def evaluate(detector: SpadeDetector, root: str | Path) -> Evaluation:
     labels = np.array([s.is_anomalous for s in samples])
     headline = _figures(labels, prediction.scores, gt, prediction.maps)
     headline["knn_image_auroc"] = metrics.image_auroc(labels, prediction.knn_scores)
-    gate = (
-        detector.config.candidate_threshold
-        if detector.config.score_mode == "two_stage"
-        else detector.config.image_threshold
-    )
-    headline["stage2_share"] = float(np.mean(prediction.knn_scores >= gate))
+    headline["stage2_share"] = float(np.mean(prediction.candidates))
     headline["seconds_per_image_all_segmented"] = seconds / len(samples)
     per_type = {}
     for kind in sorted({s.defect_type for s in samples} - {"good"}):

@@ -36,6 +36,7 @@ class Prediction:
         normalized_scores: (N,) scores / image threshold, so 1.0 is the threshold.
         is_anomalous: (N,) bool, normalized score >= 1.
         segmented: (N,) bool, whether stage 2 ran.
+        candidates: (N,) bool, whether stage 1 passed the image to stage 2 (what segment="auto" does).
         knn_scores: (N,) stage-1 scores (the paper's image score).
         maps: per image, an (H_i, W_i) float32 anomaly map at the image's own size, or None.
         masks: per image, an (H_i, W_i) bool mask (map >= pixel threshold), or None.
@@ -45,6 +46,7 @@ class Prediction:
     normalized_scores: np.ndarray
     is_anomalous: np.ndarray
     segmented: np.ndarray
+    candidates: np.ndarray
     knn_scores: np.ndarray
     maps: list[np.ndarray | None]
     masks: list[np.ndarray | None]
@@ -197,7 +199,7 @@ class SpadeDetector:
         pixel_t = _threshold("pixel_threshold", pixel_threshold, cfg.pixel_threshold)
         # In two_stage mode stage 1 is a recall-oriented filter; in knn mode the image threshold gates.
         gate = cfg.candidate_threshold if cfg.score_mode == "two_stage" else image_t
-        scores, knn_all, segmented, maps, masks = [], [], [], [], []
+        scores, knn_all, segmented, candidates, maps, masks = [], [], [], [], [], []
         for _, inputs, geometries in self._batches(list(images), None):
             pooled, fmaps = self.extract(inputs)
             knn, nn_indices = self._stage1(pooled)
@@ -218,6 +220,7 @@ class SpadeDetector:
                 scores.append(score)
                 knn_all.append(float(knn[i]))
                 segmented.append(run)
+                candidates.append(candidate)
                 maps.append(full_map)
                 masks.append(mask)
         scores_arr = np.asarray(scores, dtype=np.float64)
@@ -227,6 +230,7 @@ class SpadeDetector:
             normalized_scores=normalized,
             is_anomalous=normalized >= 1.0,
             segmented=np.asarray(segmented, dtype=bool),
+            candidates=np.asarray(candidates, dtype=bool),
             knn_scores=np.asarray(knn_all, dtype=np.float64),
             maps=maps,
             masks=masks,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,10 @@ def bottle() -> tuple[Path, SpadeDetector]:
     """The shared MVTec AD bottle folder and a default detector fitted on it (skips without data)."""
     root = shared_dataset("mvtec_bottle")
     return root, SpadeDetector().fit(read_train(root))
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a test server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,6 @@
 """End to end: `mlflow run` entry points and a real `mlflow server` over HTTP."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from mlflow import MlflowClient
 
 from mlflow_knn_anomaly import decode_mask, log_model
 from mlflow_knn_anomaly.datasets import read_test
+
+from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -55,14 +56,8 @@ def test_mlflow_run_registers_and_promotes_only_better_versions(tmp_path):
     assert {"plots/image_roc.png", "plots/pro_curve.png", "plots/overlays.png"} <= artifacts
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_tracking_server_round_trip(tmp_path, fitted, synthetic_root):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",

@@ -3,7 +3,6 @@
 import base64
 import io
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -17,6 +16,8 @@ from PIL import Image
 
 from mlflow_knn_anomaly import decode_mask, save_model
 from mlflow_knn_anomaly.datasets import read_test
+
+from .conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,17 +40,11 @@ def _bomb_png(width: int = 40000, height: int = 40000) -> bytes:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(fitted, tmp_path_factory):
     model = tmp_path_factory.mktemp("served") / "model"
     save_model(fitted, model)
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS="1")
     env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
     process = subprocess.Popen(
