@@ -44,7 +44,7 @@ def main() -> None:
     for batch in (1, 2, 4, 8, 16, 32):
         start = time.perf_counter()
         for i in range(0, len(train), batch):
-            inputs, _ = prepare(train[i : i + batch], config.resize, config.crop)
+            inputs, _ = prepare(train[i : i + batch], config.resize, config.crop, config.keep_aspect)
             detector.extract(inputs)
         print(f"| {batch} | {len(train) / (time.perf_counter() - start):.1f} |", flush=True)
 

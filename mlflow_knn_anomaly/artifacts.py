@@ -22,7 +22,7 @@ from .config import SpadeConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 BANK_DIR = "bank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ragged bank rows (aspect-kept inputs)
 _VERSIONED = ("mlflow-knn-anomaly", "torch", "torchvision", "timm", "faiss-cpu", "numpy")
 
 
@@ -91,6 +91,11 @@ def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Path, Fea
                 f"artifact {name} in {path} does not match its recorded sha256: the file was "
                 "modified or corrupted. Re-download or rebuild the model."
             )
+    if record.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} was saved in format {record.get('format_version')}, this version reads format "
+            f"{FORMAT_VERSION}; rebuild the bank with this version (build-bank)."
+        )
     _warn_on_version_mismatch(record.get("versions", {}))
     config = SpadeConfig.from_dict(record["config"])
     return config, path / WEIGHTS_FILE, FeatureBank.load(path / BANK_DIR, mmap=mmap)

@@ -16,14 +16,32 @@ MANIFEST = "manifest.json"
 class FeatureBank:
     """Features of N normal images.
 
+    Images may have different sizes (aspect ratio kept), so each layer's pixel features are
+    stored as rows: image i owns rows `offsets[layer][i]:offsets[layer][i + 1]`.
+
     Attributes:
         pooled: (N, D) float32 pooled features (stage 1).
-        maps: {layer: (N, C, H, W)} pixel features (stage 2), float16 or float32; may be
-            memory-mapped read-only arrays.
+        maps: {layer: (P, C)} pixel features of all images, row-major (y, x) per image, float16
+            or float32; may be memory-mapped read-only arrays.
+        offsets: {layer: (N + 1,) int64} first row of each image, and the total row count.
     """
 
     pooled: np.ndarray
     maps: dict[str, np.ndarray]
+    offsets: dict[str, np.ndarray]
+
+    @classmethod
+    def from_images(cls, pooled: np.ndarray, images: list[dict[str, np.ndarray]]) -> FeatureBank:
+        """Assemble a bank from pooled (N, D) features and, per image, {layer: (h_i * w_i, C) rows}."""
+        layers = list(images[0]) if images else []
+        return cls(
+            pooled=np.ascontiguousarray(pooled, dtype=np.float32),
+            maps={layer: np.concatenate([rows[layer] for rows in images]) for layer in layers},
+            offsets={
+                layer: np.concatenate([[0], np.cumsum([len(rows[layer]) for rows in images])]).astype(np.int64)
+                for layer in layers
+            },
+        )
 
     @property
     def n_images(self) -> int:
@@ -31,46 +49,46 @@ class FeatureBank:
 
     @property
     def nbytes(self) -> int:
-        return int(self.pooled.nbytes + sum(m.nbytes for m in self.maps.values()))
+        return int(self.pooled.nbytes + sum(m.nbytes + self.offsets[k].nbytes for k, m in self.maps.items()))
 
     def gallery(self, layer: str, nn_indices: np.ndarray) -> torch.Tensor:
-        """(K * H * W, C) float32 pixel features of the images `nn_indices` (K,) on `layer`."""
-        maps = torch.from_numpy(np.ascontiguousarray(self.maps[layer][np.sort(nn_indices)]))
-        return maps.float().permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+        """(sum of h_i * w_i, C) float32 pixel features of the images `nn_indices` (K,) on `layer`."""
+        starts = self.offsets[layer]
+        rows = [self.maps[layer][starts[i] : starts[i + 1]] for i in np.sort(nn_indices)]
+        return torch.from_numpy(np.concatenate(rows)).float()
 
     def save(self, directory: Path) -> list[Path]:
         """Write one .npy per array plus the manifest into `directory`; returns the files written."""
         directory.mkdir(parents=True, exist_ok=True)
-        files = {"pooled": "pooled.npy", **{layer: f"map_{layer}.npy" for layer in self.maps}}
-        np.save(directory / files["pooled"], np.ascontiguousarray(self.pooled), allow_pickle=False)
-        for layer, array in self.maps.items():
-            np.save(directory / files[layer], np.ascontiguousarray(array), allow_pickle=False)
+        arrays = {"pooled": self.pooled}
+        for layer in self.maps:
+            arrays[f"map_{layer}"] = self.maps[layer]
+            arrays[f"offsets_{layer}"] = self.offsets[layer]
+        for key, array in arrays.items():
+            np.save(directory / f"{key}.npy", np.ascontiguousarray(array), allow_pickle=False)
         manifest = {
             "n_images": self.n_images,
-            "pooled": files["pooled"],
-            "maps": {layer: files[layer] for layer in self.maps},
-            "shapes": {key: list(self._array(key).shape) for key in files},
-            "dtypes": {key: str(self._array(key).dtype) for key in files},
+            "layers": list(self.maps),
+            "shapes": {key: list(array.shape) for key, array in arrays.items()},
+            "dtypes": {key: str(array.dtype) for key, array in arrays.items()},
         }
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        return [directory / MANIFEST, *(directory / name for name in files.values())]
-
-    def _array(self, key: str) -> np.ndarray:
-        return self.pooled if key == "pooled" else self.maps[key]
+        return [directory / MANIFEST, *(directory / f"{key}.npy" for key in arrays)]
 
     @classmethod
     def load(cls, directory: Path, mmap: bool = True) -> FeatureBank:
         """Read a saved bank; with `mmap` the arrays are memory-mapped read-only (shared by workers)."""
         manifest = json.loads((directory / MANIFEST).read_text())
-        mode = "r" if mmap else None
-
-        def read(name: str) -> np.ndarray:
-            return np.load(directory / name, mmap_mode=mode, allow_pickle=False)
-
-        pooled = read(manifest["pooled"])
-        maps = {layer: read(name) for layer, name in manifest["maps"].items()}
+        if "layers" not in manifest:
+            raise ValueError(f"{directory} holds a bank of an older format; rebuild it with build-bank.")
+        arrays = {}
         for key, shape in manifest["shapes"].items():
-            actual = pooled.shape if key == "pooled" else maps[key].shape
-            if list(actual) != shape:
-                raise ValueError(f"bank array {key} has shape {actual}, manifest says {shape}; rebuild the bank.")
-        return cls(pooled=pooled, maps=maps)
+            arrays[key] = np.load(directory / f"{key}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
+            if list(arrays[key].shape) != shape:
+                raise ValueError(f"bank array {key} has shape {arrays[key].shape}, manifest says {shape}; rebuild the bank.")
+        layers = manifest["layers"]
+        return cls(
+            pooled=arrays["pooled"],
+            maps={layer: arrays[f"map_{layer}"] for layer in layers},
+            offsets={layer: np.asarray(arrays[f"offsets_{layer}"]) for layer in layers},
+        )

@@ -35,6 +35,7 @@ def _config_options(command):
             f"--{field.name.replace('_', '-')}",
             field.name,
             type=kind,
+            is_flag=False,  # booleans take a value (true/false), as MLproject passes them
             default=default,
             show_default=True,
             help=help_text,

@@ -28,8 +28,10 @@ class SpadeConfig:
         weights: "default" (the backbone's ImageNet weights), "random" (tests and timing only)
             or a path to a `.safetensors` / `.pth` state dict.
         layers: pyramid layer names for stage 2; empty means the backbone's default pyramid.
-        resize: images are resized to `resize` x `resize` pixels.
+        resize: network input size: `resize` x `resize` pixels, or with `keep_aspect` about as
+            many pixels in the image's own aspect ratio (sides multiples of 32).
         crop: centre crop after the resize, in pixels; 0 keeps the whole resized image.
+        keep_aspect: keep each image's aspect ratio instead of squashing it into a square.
         k_images: K, the number of nearest normal images (stage-1 score and stage-2 gallery).
         kappa: the number of nearest gallery features averaged per pixel.
         sigma: Gaussian smoothing of the anomaly map, in pixels of the network input.
@@ -60,6 +62,7 @@ class SpadeConfig:
     layers: tuple[str, ...] = ()
     resize: int = 256
     crop: int = 0
+    keep_aspect: bool = False
     k_images: int = 5
     kappa: int = 1
     sigma: float = 4.0
@@ -102,6 +105,10 @@ class SpadeConfig:
         _check_int("reduce_channels", self.reduce_channels, minimum=0)
         if 2 * self.score_margin >= self.input_size:
             raise ValueError(f"score_margin={self.score_margin} leaves nothing of a {self.input_size}-px input.")
+        if not isinstance(self.keep_aspect, bool):
+            raise ValueError(f"keep_aspect={self.keep_aspect!r} must be true or false.")
+        if self.keep_aspect and self.crop:
+            raise ValueError(f"crop={self.crop} needs a square input: set keep_aspect=false, or crop=0.")
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} exceeds resize={self.resize}; use crop <= resize or 0.")
         if self.feature_pool % 2 == 0:

@@ -81,55 +81,84 @@ def _from_array(array: np.ndarray) -> Image.Image:
     return Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
 
 
+# Sides of an aspect-kept network input are multiples of the deepest stride, so that every
+# pyramid level tiles the input exactly.
+SIDE_MULTIPLE = 32
+
+
+def network_size(width: int, height: int, resize: int, keep_aspect: bool) -> tuple[int, int]:
+    """(width, height) of the network input of a `width` x `height` image.
+
+    Squashed: `resize` x `resize`. Aspect kept: about `resize`**2 pixels (the same cost as the
+    square) in the image's aspect ratio, each side a multiple of SIDE_MULTIPLE.
+    """
+    if not keep_aspect:
+        return resize, resize
+    ratio = width / height
+    return tuple(max(SIDE_MULTIPLE, round(resize * r**0.5 / SIDE_MULTIPLE) * SIDE_MULTIPLE) for r in (ratio, 1 / ratio))
+
+
 @dataclass(frozen=True)
 class Geometry:
-    """How an image of `width` x `height` maps onto the square network input.
+    """How an image of `width` x `height` maps onto the network input.
 
-    The image is resized to `resize` x `resize`, then centre-cropped to `crop` (0 = no crop).
+    The image is resized to `input_width` x `input_height` (see `network_size`), then
+    centre-cropped to `crop` x `crop` (0 = no crop).
     """
 
     width: int
     height: int
-    resize: int
-    crop: int
+    input_width: int
+    input_height: int
+    crop: int = 0
 
     @property
-    def offset(self) -> int:
-        """Top-left corner of the crop inside the resized image (torchvision's CenterCrop rule)."""
-        return int(round((self.resize - self.crop) / 2.0)) if self.crop else 0
+    def offset(self) -> tuple[int, int]:
+        """(left, top) of the crop inside the resized image (torchvision's CenterCrop rule)."""
+        if not self.crop:
+            return 0, 0
+        return int(round((self.input_width - self.crop) / 2.0)), int(round((self.input_height - self.crop) / 2.0))
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """(height, width) of the network input."""
+        return (self.crop, self.crop) if self.crop else (self.input_height, self.input_width)
 
     def to_input(self, image: Image.Image) -> torch.Tensor:
-        """(3, S, S) float tensor in [0, 1] of the network input, S = crop or resize."""
-        resized = image.resize((self.resize, self.resize), Image.BILINEAR)
+        """(3, H, W) float tensor in [0, 1] of the network input."""
+        resized = image.resize((self.input_width, self.input_height), Image.BILINEAR)
         if self.crop:
-            o = self.offset
-            resized = resized.crop((o, o, o + self.crop, o + self.crop))
+            left, top = self.offset
+            resized = resized.crop((left, top, left + self.crop, top + self.crop))
         return torch.from_numpy(np.array(resized)).permute(2, 0, 1).float().div_(255.0)
 
     def to_image(self, input_map: torch.Tensor) -> np.ndarray:
-        """Put a (S, S) map of the network input back at the image's own (height, width).
+        """Put a map of the network input, `input_shape`, back at the image's own (height, width).
 
         Pixels outside the crop, which the network never saw, are 0.
         """
         canvas = input_map
         if self.crop:
-            o = self.offset
-            canvas = input_map.new_zeros((self.resize, self.resize))
-            canvas[o : o + self.crop, o : o + self.crop] = input_map
+            left, top = self.offset
+            canvas = input_map.new_zeros((self.input_height, self.input_width))
+            canvas[top : top + self.crop, left : left + self.crop] = input_map
         out = F.interpolate(canvas[None, None], size=(self.height, self.width), mode="bilinear", align_corners=False)
         return out[0, 0].numpy()
 
 
-def prepare(items: list[ImageLike], resize: int, crop: int) -> tuple[torch.Tensor, list[Geometry]]:
+def prepare(
+    items: list[ImageLike], resize: int, crop: int = 0, keep_aspect: bool = False
+) -> tuple[list[torch.Tensor], list[Geometry]]:
     """Decode and resize a batch.
 
     Returns:
-        (N, 3, S, S) network inputs in [0, 1] and each image's Geometry.
+        Per image, its (3, H_i, W_i) network input in [0, 1] and its Geometry (all inputs have
+        the same size unless `keep_aspect`).
     """
     tensors, geometries = [], []
     for item in items:
         image = load_image(item)
-        geometry = Geometry(image.width, image.height, resize, crop)
+        geometry = Geometry(image.width, image.height, *network_size(image.width, image.height, resize, keep_aspect), crop)
         tensors.append(geometry.to_input(image))
         geometries.append(geometry)
-    return torch.stack(tensors), geometries
+    return tensors, geometries

@@ -62,26 +62,43 @@ class SpadeDetector:
         self.index: ImageIndex | None = None
 
     # ---- features ---------------------------------------------------------------------------
-    def extract(self, inputs: torch.Tensor) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
-        """Pooled (N, D) float32 features and locally aggregated maps {layer: (N, C, h, w)}."""
-        pyramid = self.backbone.extract(inputs)
+    def extract(self, inputs: list[torch.Tensor]) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
+        """Pooled (N, D) float32 features and, per image, locally aggregated maps {layer: (C, h, w)}.
+
+        Args:
+            inputs: N network inputs (3, H_i, W_i); consecutive ones of the same size share a forward pass.
+        """
+        pooled, maps = [], []
+        start = 0
+        while start < len(inputs):
+            end = start + 1
+            while end < len(inputs) and inputs[end].shape == inputs[start].shape:
+                end += 1
+            pyramid = self.backbone.extract(torch.stack(inputs[start:end]))
+            layers = {name: self._aggregate(name, fmap) for name, fmap in pyramid.maps.items()}
+            pooled.append(pyramid.pooled.float().numpy())
+            maps += [{name: fmap[i] for name, fmap in layers.items()} for i in range(end - start)]
+            start = end
+        return np.concatenate(pooled), maps
+
+    def _aggregate(self, name: str, fmap: torch.Tensor) -> torch.Tensor:
+        """Locally aware features (feature_pool x feature_pool mean), optionally projected."""
         p = self.config.feature_pool
-        maps = {}
-        for name, fmap in pyramid.maps.items():
-            if p > 1:
-                fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
-            if 0 < self.config.reduce_channels < fmap.shape[1]:
-                fmap = torch.einsum(
-                    "nchw,cr->nrhw", fmap, random_projection(name, fmap.shape[1], self.config.reduce_channels)
-                )
-            maps[name] = fmap
-        return pyramid.pooled.float().numpy(), maps
+        if p > 1:
+            fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
+        if 0 < self.config.reduce_channels < fmap.shape[1]:
+            projection = random_projection(name, fmap.shape[1], self.config.reduce_channels)
+            fmap = torch.einsum("nchw,cr->nrhw", fmap, projection)
+        return fmap
+
+    def _prepare(self, items: list[ImageLike]):
+        cfg = self.config
+        return prepare(items, cfg.resize, cfg.crop, cfg.keep_aspect)
 
     def _batches(self, items: list[ImageLike], desc: str | None):
         size = self.config.batch_size
-        starts = range(0, len(items), size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=desc is None):
-            inputs, geometries = prepare(items[start : start + size], self.config.resize, self.config.crop)
+        for start in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=desc is None):
+            inputs, geometries = self._prepare(items[start : start + size])
             yield start, inputs, geometries
 
     # ---- fit ----------------------------------------------------------------------------------
@@ -102,11 +119,17 @@ class SpadeDetector:
         self.config = self.config.replace(**self._calibrate(holdout))
         return self
 
-    def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Bank rows of one batch: pooled (n, D) float32 and maps {layer: (n, C, h, w)} in bank dtype."""
-        inputs, _ = prepare(items, self.config.resize, self.config.crop)
-        pooled, fmaps = self.extract(inputs)
-        return pooled, {k: v.numpy().astype(self.config.bank_dtype) for k, v in fmaps.items()}
+    def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+        """Bank rows of one batch: pooled (n, D) float32 and, per image, {layer: (h * w, C) rows} in bank dtype."""
+        pooled, fmaps = self.extract(self._prepare(items)[0])
+        rows = [
+            {
+                name: np.ascontiguousarray(fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy(), self.config.bank_dtype)
+                for name, fmap in image.items()
+            }
+            for image in fmaps
+        ]
+        return pooled, rows
 
     def _build_bank(self, items: list[ImageLike], desc: str | None) -> FeatureBank:
         size = self.config.batch_size
@@ -114,9 +137,7 @@ class SpadeDetector:
             self.bank_features(items[i : i + size])
             for i in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=desc is None)
         ]
-        pooled = np.concatenate([b[0] for b in batches])
-        maps = {layer: np.concatenate([b[1][layer] for b in batches]) for layer in batches[0][1]}
-        return FeatureBank(pooled=pooled, maps=maps)
+        return FeatureBank.from_images(np.concatenate([b[0] for b in batches]), [r for b in batches for r in b[1]])
 
     def _calibrate(self, holdout: list[ImageLike]) -> dict[str, float]:
         knn_scores, map_maxima, map_scores = [], [], []
@@ -125,7 +146,7 @@ class SpadeDetector:
             scores, nn_indices = self._stage1(pooled)
             knn_scores.append(scores)
             for i in range(len(scores)):
-                input_map = self._stage2(fmaps, i, nn_indices[i])
+                input_map = self._stage2(fmaps[i], nn_indices[i], inputs[i].shape[1:])
                 map_maxima.append(float(input_map.max()))
                 map_scores.append(self._map_score(input_map))
         knn, maxima, map_score = np.concatenate(knn_scores), np.asarray(map_maxima), np.asarray(map_scores)
@@ -157,23 +178,24 @@ class SpadeDetector:
         sq_dist, nn_indices = self.index.search(pooled, self.config.k_images)
         return np.sqrt(sq_dist).mean(axis=1), nn_indices
 
-    def _stage2(self, fmaps: dict[str, torch.Tensor], i: int, nn_indices: np.ndarray) -> np.ndarray:
-        """(S, S) anomaly map of image `i` of the batch on the network input (S = input size)."""
-        size = self.config.input_size
+    def _stage2(self, fmaps: dict[str, torch.Tensor], nn_indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Anomaly map of one image on its network input of `size` (H, W), from its maps {layer: (C, h, w)}."""
         layer_maps = []
         for name, fmap in fmaps.items():
-            c, h, w = fmap.shape[1:]
-            query = fmap[i].float().permute(1, 2, 0).reshape(-1, c)
+            c, h, w = fmap.shape
+            query = fmap.float().permute(1, 2, 0).reshape(-1, c)
             dist = pixel_knn(query, self.bank.gallery(name, nn_indices), self.config.kappa).view(1, 1, h, w)
-            layer_maps.append(F.interpolate(dist, size=(size, size), mode="bilinear", align_corners=False))
+            layer_maps.append(F.interpolate(dist, size=tuple(size), mode="bilinear", align_corners=False))
         score_map = torch.cat(layer_maps).mean(dim=0)[0].numpy()
         return gaussian_filter(score_map, self.config.sigma) if self.config.sigma > 0 else score_map
 
     def _map_score(self, input_map: np.ndarray) -> float:
-        """Image score from an (S, S) map: its maximum, ignoring `score_margin` pixels at the border,
-        where zero padding inflates the features of every image (normal ones too)."""
-        m = self.config.score_margin
-        return float(input_map[m : input_map.shape[0] - m, m : input_map.shape[1] - m].max())
+        """Image score from a map of the network input: its maximum, ignoring `score_margin` pixels at
+        the border, where zero padding inflates the features of every image (normal ones too). The
+        margin shrinks on a narrow input so that a quarter of each side is always scored."""
+        h, w = input_map.shape
+        my, mx = (min(self.config.score_margin, side * 3 // 8) for side in (h, w))
+        return float(input_map[my : h - my, mx : w - mx].max())
 
     # ---- predict ------------------------------------------------------------------------------
     def predict(
@@ -209,7 +231,7 @@ class SpadeDetector:
                 score = float(knn[i])
                 full_map = mask = None
                 if run:
-                    input_map = self._stage2(fmaps, i, nn_indices[i])
+                    input_map = self._stage2(fmaps[i], nn_indices[i], geometry.input_shape)
                     full_map = geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map)))
                     mask = full_map >= pixel_t
                 if cfg.score_mode == "two_stage":

@@ -110,10 +110,10 @@ def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
         torch.set_num_threads(threads)
         detector = _executor_detector(config_json)
         batch = batch.sort_values("index")
-        pooled, maps = detector.bank_features([Path(p) for p in batch["path"]])
+        pooled, images = detector.bank_features([Path(p) for p in batch["path"]])
         out = {"index": batch["index"].to_numpy(), "pooled": [row.tobytes() for row in pooled]}
-        for layer, array in maps.items():
-            out[layer] = [row.tobytes() for row in array]
+        for layer in images[0]:
+            out[layer] = [rows[layer].tobytes() for rows in images]
         return pd.DataFrame(out)
 
     detector = SpadeDetector(config)
@@ -121,18 +121,13 @@ def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
     schema = "index long, pooled binary, " + ", ".join(f"`{layer}` binary" for layer in layers)
     frame = spark.createDataFrame(rows).groupBy("batch").applyInPandas(extract, schema=schema)
     collected = frame.toPandas().sort_values("index")
-    with_shapes = detector.bank_features(bank_paths[:1])  # shapes and dtypes of one bank row
+    example = detector.bank_features(bank_paths[:1])[1][0]  # channels and dtype of each layer's rows
     pooled = np.stack([np.frombuffer(b, np.float32) for b in collected["pooled"]])
-    maps = {
-        layer: np.stack(
-            [
-                np.frombuffer(b, with_shapes[1][layer].dtype).reshape(with_shapes[1][layer].shape[1:])
-                for b in collected[layer]
-            ]
-        )
-        for layer in layers
-    }
-    return detector.fit_bank(FeatureBank(pooled=pooled, maps=maps), holdout)
+    images = [
+        {layer: np.frombuffer(row[layer], example[layer].dtype).reshape(-1, example[layer].shape[1]) for layer in layers}
+        for _, row in collected.iterrows()
+    ]
+    return detector.fit_bank(FeatureBank.from_images(pooled, images), holdout)
 
 
 _DETECTORS: dict[str, SpadeDetector] = {}

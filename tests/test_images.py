@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mlflow_knn_anomaly.images import Geometry, load_image, prepare
+from mlflow_knn_anomaly.images import Geometry, load_image, network_size, prepare
 
 
 def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -73,7 +73,7 @@ def test_decompression_bomb_is_refused_before_decoding():
 
 
 def test_geometry_puts_maps_back_at_the_image_size_with_zero_outside_the_crop():
-    geometry = Geometry(width=300, height=200, resize=256, crop=224)
+    geometry = Geometry(width=300, height=200, input_width=256, input_height=256, crop=224)
     assert geometry.to_input(Image.new("RGB", (300, 200))).shape == (3, 224, 224)
     full = geometry.to_image(torch.ones(224, 224))
     assert full.shape == (200, 300)
@@ -82,15 +82,35 @@ def test_geometry_puts_maps_back_at_the_image_size_with_zero_outside_the_crop():
 
 
 def test_geometry_without_crop_covers_the_whole_image():
-    geometry = Geometry(width=120, height=80, resize=64, crop=0)
+    geometry = Geometry(width=120, height=80, input_width=64, input_height=64)
     full = geometry.to_image(torch.ones(64, 64))
     assert full.shape == (80, 120) and np.allclose(full, 1.0)
 
 
-def test_prepare_stacks_a_batch_of_mixed_sizes():
-    batch, geometries = prepare([np.zeros((10, 20, 3), np.uint8), np.zeros((50, 40), np.uint8)], 32, 0)
-    assert batch.shape == (2, 3, 32, 32)
+def test_prepare_squashes_mixed_sizes_into_one_square():
+    inputs, geometries = prepare([np.zeros((10, 20, 3), np.uint8), np.zeros((50, 40), np.uint8)], 32, 0)
+    assert [tuple(x.shape) for x in inputs] == [(3, 32, 32), (3, 32, 32)]
     assert [(g.width, g.height) for g in geometries] == [(20, 10), (40, 50)]
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [((256, 256), (256, 256)), ((400, 200), (352, 192)), ((200, 400), (192, 352)), ((1000, 10), (2560, 32))],
+)
+def test_kept_aspect_keeps_about_the_square_pixel_count_in_multiples_of_32(size, expected):
+    assert network_size(*size, resize=256, keep_aspect=True) == expected
+    assert network_size(*size, resize=256, keep_aspect=False) == (256, 256)
+
+
+def test_kept_aspect_maps_back_onto_the_whole_image():
+    image = np.zeros((100, 300, 3), np.uint8)
+    image[:, 150:] = 255  # right half white: it stays on the right half of the input
+    inputs, (geometry,) = prepare([image], 64, keep_aspect=True)
+    assert inputs[0].shape == (3, 32, 96) and geometry.input_shape == (32, 96)
+    assert inputs[0][:, :, :47].max() == 0 and inputs[0][:, :, 49:].min() == 1
+    ramp = torch.arange(96, dtype=torch.float32).expand(32, 96)
+    full = geometry.to_image(ramp)
+    assert full.shape == (100, 300) and full[50, 0] < 1 and full[50, -1] > 94
 
 
 VALID_PNG = _encode(Image.new("RGB", (24, 16), (90, 160, 30)))
