@@ -1,11 +1,13 @@
 """Accuracy of every option tried, on MVTec-layout folders, as a markdown table.
 
     python benchmarks/accuracy.py --data ../shared/data/mvtec_bottle ../shared/data/magnetic_tile \
-        --variants paper crop0 crop0_two_stage --out benchmarks/results/accuracy.md
+        --variants default squash paper --threads 2 --out benchmarks/results/accuracy.md
 
 Image score = the one the product reports (score_mode). Pixel metrics over every test image
-(segment="all"), at each image's own resolution. Predict times are per image, over up to 60 test
-images spread evenly, in segment="auto" (the product default) and segment="none" (stage 1 only).
+(segment="all"), at each image's own resolution and (@256) with maps and masks resized to
+256 x 256 as anomalib evaluates them. Variants are changes to the default SpadeConfig.
+Predict times are per image, over up to 60 test images spread evenly, in segment="auto"
+(the product default) and segment="none" (stage 1 only).
 """
 
 from __future__ import annotations
@@ -20,27 +22,33 @@ from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
+LITE0_STRIDES_4_TO_32 = ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
 VARIANTS: dict[str, dict] = {
     "default": {},
     "default_knn": {"score_mode": "knn"},
-    "default_candidate_-0.5": {"candidate_sigmas": -0.5},
-    "default_reduce16": {"reduce_channels": 16},
-    "default_reduce8": {"reduce_channels": 8},
-    "paper": {"crop": 224, "feature_pool": 1, "score_mode": "knn"},
-    "paper_pool3": {"crop": 224, "feature_pool": 3, "score_mode": "knn"},
-    "crop0": {"crop": 0, "score_mode": "knn"},
-    "default_pool1": {"feature_pool": 1},
-    "default_k10": {"k_images": 10},
-    "default_kappa3": {"kappa": 3},
-    "default_r224": {"resize": 224, "score_margin": 14},
-    "default_r320": {"resize": 320, "score_margin": 20},
-    "default_lite2": {"backbone": "efficientnet_lite2"},
+    "paper": {"keep_aspect": False, "crop": 224, "feature_pool": 1, "score_mode": "knn"},
+    "squash": {"keep_aspect": False},
+    "strides_4_to_32": {"layers": LITE0_STRIDES_4_TO_32},
+    "normalized": {"normalize_layers": True},
+    "strides_4_to_32_normalized": {"layers": LITE0_STRIDES_4_TO_32, "normalize_layers": True},
+    "candidate_-0.5": {"candidate_sigmas": -0.5},
+    "reduce16": {"reduce_channels": 16},
+    "pool1": {"feature_pool": 1},
+    "k10": {"k_images": 10},
+    "kappa3": {"kappa": 3},
+    "sigma2": {"sigma": 2.0},
+    "r224": {"resize": 224, "score_margin": 14},
+    "r320": {"resize": 320, "score_margin": 20},
+    "lite1": {"backbone": "efficientnet_lite1"},
+    "lite2": {"backbone": "efficientnet_lite2"},
 }
 COLUMNS = (
     "image AUROC",
     "stage-1 AUROC",
     "pixel AUROC",
     "AUPRO@0.3",
+    "pixel AUROC@256",
+    "AUPRO@256",
     "stage-2 share",
     "fit s",
     "ms/img auto",
@@ -68,6 +76,8 @@ def run(data: Path, name: str) -> dict[str, float]:
         "stage-1 AUROC": figures["knn_image_auroc"],
         "pixel AUROC": figures["pixel_auroc"],
         "AUPRO@0.3": figures["aupro"],
+        "pixel AUROC@256": figures["pixel_auroc_256"],
+        "AUPRO@256": figures["aupro_256"],
         "stage-2 share": figures["stage2_share"],
         "fit s": fit_seconds,
         "ms/img auto": per_image_ms(detector, paths, "auto"),

@@ -85,7 +85,9 @@ class FeatureBank:
         for key, shape in manifest["shapes"].items():
             arrays[key] = np.load(directory / f"{key}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
             if list(arrays[key].shape) != shape:
-                raise ValueError(f"bank array {key} has shape {arrays[key].shape}, manifest says {shape}; rebuild the bank.")
+                raise ValueError(
+                    f"bank array {key} has shape {arrays[key].shape}, manifest says {shape}; rebuild the bank."
+                )
         layers = manifest["layers"]
         return cls(
             pooled=arrays["pooled"],

@@ -24,13 +24,16 @@ def _config_options(command):
     """Add one --option per SpadeConfig field (underscores become dashes)."""
     for field in reversed(_FIELDS):
         default = getattr(_DEFAULTS, field.name)
-        if field.name == "layers":
+        if field.name in ("layers", "layer_scales"):
             kind, default = str, ""
         elif default is None:
             kind = float
         else:
             kind = type(default)
-        help_text = "comma-separated layer names; empty = the backbone's pyramid" if field.name == "layers" else None
+        help_text = {
+            "layers": "comma-separated layer names; empty = the backbone's pyramid",
+            "layer_scales": "comma-separated, one per layer; empty = calibrated by fit",
+        }.get(field.name)
         command = click.option(
             f"--{field.name.replace('_', '-')}",
             field.name,

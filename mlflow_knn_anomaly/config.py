@@ -35,6 +35,9 @@ class SpadeConfig:
         k_images: K, the number of nearest normal images (stage-1 score and stage-2 gallery).
         kappa: the number of nearest gallery features averaged per pixel.
         sigma: Gaussian smoothing of the anomaly map, in pixels of the network input.
+        normalize_layers: divide each layer's distance map by `layer_scales` before averaging
+            the layers, so that each contributes on one scale (else the layer with the largest
+            distances dominates).
         feature_pool: side of the neighbourhood averaged around each feature before the pixel
             kNN (PatchCore's locally aware features); 1 disables it.
         reduce_channels: project each layer with more channels than this onto this many with a
@@ -62,10 +65,11 @@ class SpadeConfig:
     layers: tuple[str, ...] = ()
     resize: int = 256
     crop: int = 0
-    keep_aspect: bool = False
+    keep_aspect: bool = True
     k_images: int = 5
     kappa: int = 1
     sigma: float = 4.0
+    normalize_layers: bool = False
     feature_pool: int = 3
     reduce_channels: int = 0
     score_mode: str = "two_stage"
@@ -82,6 +86,7 @@ class SpadeConfig:
     knn_std: float | None = None
     map_mean: float | None = None
     map_std: float | None = None
+    layer_scales: tuple[float, ...] = ()
     batch_size: int = 4
 
     def __post_init__(self) -> None:
@@ -89,6 +94,13 @@ class SpadeConfig:
             object.__setattr__(self, "layers", tuple(x for x in self.layers.split(",") if x))
         else:
             object.__setattr__(self, "layers", tuple(self.layers))
+        scales = self.layer_scales
+        if isinstance(scales, str):
+            try:
+                scales = tuple(float(x) for x in scales.split(",") if x.strip())
+            except ValueError as exc:
+                raise ValueError(f"layer_scales={self.layer_scales!r} must be comma-separated numbers.") from exc
+        object.__setattr__(self, "layer_scales", tuple(float(x) for x in scales))
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone={self.backbone!r} is unknown; choose one of {sorted(BACKBONES)}.")
         valid_layers = [layer.name for layer in BACKBONES[self.backbone].layers]
@@ -105,8 +117,14 @@ class SpadeConfig:
         _check_int("reduce_channels", self.reduce_channels, minimum=0)
         if 2 * self.score_margin >= self.input_size:
             raise ValueError(f"score_margin={self.score_margin} leaves nothing of a {self.input_size}-px input.")
-        if not isinstance(self.keep_aspect, bool):
-            raise ValueError(f"keep_aspect={self.keep_aspect!r} must be true or false.")
+        for name in ("keep_aspect", "normalize_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
+        if self.layer_scales and (len(self.layer_scales) != len(self.pyramid) or min(self.layer_scales) <= 0):
+            raise ValueError(
+                f"layer_scales={list(self.layer_scales)} must hold one positive number per layer "
+                f"of {list(self.pyramid)}, or be empty (calibrated by fit)."
+            )
         if self.keep_aspect and self.crop:
             raise ValueError(f"crop={self.crop} needs a square input: set keep_aspect=false, or crop=0.")
         if self.crop > self.resize:
@@ -152,6 +170,7 @@ class SpadeConfig:
         """JSON-ready dict of every field."""
         data = dataclasses.asdict(self)
         data["layers"] = list(self.layers)
+        data["layer_scales"] = list(self.layer_scales)
         return data
 
     @classmethod

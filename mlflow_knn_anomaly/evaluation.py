@@ -12,6 +12,8 @@ from . import metrics
 from .datasets import TestSample, read_test
 from .spade import SpadeDetector
 
+ANOMALIB_SIZE = 256
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -37,7 +39,9 @@ def evaluate(detector: SpadeDetector, root: str | Path) -> Evaluation:
     """Score and segment every test image of `root` and compute the metrics.
 
     Every image is segmented (segment="all") so that the pixel metrics cover all of them; the
-    image score is the one the product reports in segment="auto" mode.
+    image score is the one the product reports in segment="auto" mode. Pixel metrics are at each
+    image's own resolution, and also (`*_256`) with maps and masks resized to 256 x 256 as
+    anomalib evaluates them.
     """
     samples = read_test(root)
     paths = [s.path for s in samples]
@@ -47,6 +51,11 @@ def evaluate(detector: SpadeDetector, root: str | Path) -> Evaluation:
     gt = [s.mask(m.shape[1], m.shape[0]) for s, m in zip(samples, prediction.maps)]
     labels = np.array([s.is_anomalous for s in samples])
     headline = _figures(labels, prediction.scores, gt, prediction.maps)
+    # anomalib's protocol: maps and masks squashed to 256 x 256 (a user's images rarely are square).
+    gt_256 = [metrics.resize_mask(g, ANOMALIB_SIZE) for g in gt]
+    maps_256 = [metrics.resize_map(m, ANOMALIB_SIZE) for m in prediction.maps]
+    headline["pixel_auroc_256"] = metrics.pixel_auroc(gt_256, maps_256)
+    headline["aupro_256"] = metrics.aupro(gt_256, maps_256)
     headline["knn_image_auroc"] = metrics.image_auroc(labels, prediction.knn_scores)
     headline["stage2_share"] = float(np.mean(prediction.candidates))
     headline["seconds_per_image_all_segmented"] = seconds / len(samples)

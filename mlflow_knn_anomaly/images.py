@@ -158,7 +158,9 @@ def prepare(
     tensors, geometries = [], []
     for item in items:
         image = load_image(item)
-        geometry = Geometry(image.width, image.height, *network_size(image.width, image.height, resize, keep_aspect), crop)
+        geometry = Geometry(
+            image.width, image.height, *network_size(image.width, image.height, resize, keep_aspect), crop
+        )
         tensors.append(geometry.to_input(image))
         geometries.append(geometry)
     return tensors, geometries

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 from scipy.ndimage import label
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
@@ -85,3 +88,15 @@ def f1_optimal_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float,
     f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
     best = int(np.argmax(f1))
     return float(thresholds[best]), float(f1[best])
+
+
+def resize_map(score_map: np.ndarray, size: int) -> np.ndarray:
+    """A (H, W) anomaly map resized bilinearly to (size, size)."""
+    source = torch.from_numpy(np.asarray(score_map, dtype=np.float32))[None, None]
+    return F.interpolate(source, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """A (H, W) boolean mask resized to (size, size) by nearest neighbour."""
+    image = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255)
+    return np.asarray(image.resize((size, size), Image.NEAREST)) > 127

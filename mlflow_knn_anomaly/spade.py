@@ -124,7 +124,9 @@ class SpadeDetector:
         pooled, fmaps = self.extract(self._prepare(items)[0])
         rows = [
             {
-                name: np.ascontiguousarray(fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy(), self.config.bank_dtype)
+                name: np.ascontiguousarray(
+                    fmap.permute(1, 2, 0).reshape(-1, fmap.shape[0]).numpy(), self.config.bank_dtype
+                )
                 for name, fmap in image.items()
             }
             for image in fmaps
@@ -140,15 +142,19 @@ class SpadeDetector:
         return FeatureBank.from_images(np.concatenate([b[0] for b in batches]), [r for b in batches for r in b[1]])
 
     def _calibrate(self, holdout: list[ImageLike]) -> dict[str, float]:
-        knn_scores, map_maxima, map_scores = [], [], []
+        knn_scores, distances, sizes = [], [], []
         for _, inputs, _ in self._batches(holdout, None):
             pooled, fmaps = self.extract(inputs)
             scores, nn_indices = self._stage1(pooled)
             knn_scores.append(scores)
-            for i in range(len(scores)):
-                input_map = self._stage2(fmaps[i], nn_indices[i], inputs[i].shape[1:])
-                map_maxima.append(float(input_map.max()))
-                map_scores.append(self._map_score(input_map))
+            distances += [self._layer_distances(fmaps[i], nn_indices[i]) for i in range(len(scores))]
+            sizes += [x.shape[1:] for x in inputs]
+        layer_scales = self.config.layer_scales or tuple(
+            float(torch.cat([d[name].flatten() for d in distances]).mean()) for name in distances[0]
+        )
+        input_maps = [self._combine(d, size, layer_scales) for d, size in zip(distances, sizes)]
+        map_maxima = [float(m.max()) for m in input_maps]
+        map_scores = [self._map_score(m) for m in input_maps]
         knn, maxima, map_score = np.concatenate(knn_scores), np.asarray(map_maxima), np.asarray(map_scores)
         # Control limits (mean + z std) are stable with the few images a hold-out has, where a
         # high quantile would just be the maximum of a handful of scores.
@@ -170,7 +176,10 @@ class SpadeDetector:
             "candidate_threshold": stats["knn_mean"] + self.config.candidate_sigmas * stats["knn_std"],
         }
         # A value the user set in the config wins over the calibrated one.
-        return {k: v if getattr(self.config, k) is None else getattr(self.config, k) for k, v in calibrated.items()}
+        calibrated = {
+            k: v if getattr(self.config, k) is None else getattr(self.config, k) for k, v in calibrated.items()
+        }
+        return {**calibrated, "layer_scales": layer_scales}
 
     # ---- the two stages -----------------------------------------------------------------------
     def _stage1(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -178,16 +187,32 @@ class SpadeDetector:
         sq_dist, nn_indices = self.index.search(pooled, self.config.k_images)
         return np.sqrt(sq_dist).mean(axis=1), nn_indices
 
-    def _stage2(self, fmaps: dict[str, torch.Tensor], nn_indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """Anomaly map of one image on its network input of `size` (H, W), from its maps {layer: (C, h, w)}."""
-        layer_maps = []
+    def _layer_distances(self, fmaps: dict[str, torch.Tensor], nn_indices: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per layer, the (1, 1, h, w) mean distance of each pixel to its kappa nearest gallery features."""
+        distances = {}
         for name, fmap in fmaps.items():
             c, h, w = fmap.shape
             query = fmap.float().permute(1, 2, 0).reshape(-1, c)
-            dist = pixel_knn(query, self.bank.gallery(name, nn_indices), self.config.kappa).view(1, 1, h, w)
-            layer_maps.append(F.interpolate(dist, size=tuple(size), mode="bilinear", align_corners=False))
+            gallery = self.bank.gallery(name, nn_indices)
+            distances[name] = pixel_knn(query, gallery, self.config.kappa).view(1, 1, h, w)
+        return distances
+
+    def _combine(
+        self, distances: dict[str, torch.Tensor], size: tuple[int, int], layer_scales: tuple[float, ...]
+    ) -> np.ndarray:
+        """Upsample the layer maps to the network input `size` (H, W), average them (each divided by
+        its layer scale with `normalize_layers`), smooth."""
+        scales = layer_scales if self.config.normalize_layers else (1.0,) * len(distances)
+        layer_maps = [
+            F.interpolate(dist / scale, size=tuple(size), mode="bilinear", align_corners=False)
+            for dist, scale in zip(distances.values(), scales, strict=True)
+        ]
         score_map = torch.cat(layer_maps).mean(dim=0)[0].numpy()
         return gaussian_filter(score_map, self.config.sigma) if self.config.sigma > 0 else score_map
+
+    def _stage2(self, fmaps: dict[str, torch.Tensor], nn_indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """Anomaly map of one image on its network input of `size` (H, W), from its maps {layer: (C, h, w)}."""
+        return self._combine(self._layer_distances(fmaps, nn_indices), size, self.config.layer_scales)
 
     def _map_score(self, input_map: np.ndarray) -> float:
         """Image score from a map of the network input: its maximum, ignoring `score_margin` pixels at

@@ -124,7 +124,10 @@ def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
     example = detector.bank_features(bank_paths[:1])[1][0]  # channels and dtype of each layer's rows
     pooled = np.stack([np.frombuffer(b, np.float32) for b in collected["pooled"]])
     images = [
-        {layer: np.frombuffer(row[layer], example[layer].dtype).reshape(-1, example[layer].shape[1]) for layer in layers}
+        {
+            layer: np.frombuffer(row[layer], example[layer].dtype).reshape(-1, example[layer].shape[1])
+            for layer in layers
+        }
         for _, row in collected.iterrows()
     ]
     return detector.fit_bank(FeatureBank.from_images(pooled, images), holdout)

@@ -4,7 +4,6 @@ import torch
 
 from mlflow_knn_anomaly.bank import FeatureBank
 
-
 ROWS = (30, 12, 30, 20)  # images of different sizes: 5x6, 3x4, 5x6, 4x5 on blocks.1
 
 

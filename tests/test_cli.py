@@ -28,7 +28,7 @@ def test_mlproject_defaults_equal_the_config_defaults():
         expected = getattr(defaults, name)
         if expected is None:
             assert params[name]["default"] == 0  # 0 = calibrate
-        elif name == "layers":
+        elif name in ("layers", "layer_scales"):
             assert params[name]["default"] == ""
         else:
             assert params[name]["default"] == expected, name

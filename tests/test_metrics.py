@@ -51,3 +51,14 @@ def test_f1_optimal_threshold_hand_computed():
     threshold, f1 = metrics.f1_optimal_threshold([0, 0, 1, 1, 0], [0.1, 0.2, 0.7, 0.9, 0.8])
     # t=0.7 flags 0.7, 0.8, 0.9: P=2/3, R=1 -> F1=0.8 (best; t=0.9 gives P=1, R=0.5 -> 0.667).
     assert threshold == pytest.approx(0.7) and f1 == pytest.approx(0.8)
+
+
+def test_resizing_to_anomalib_resolution_keeps_the_region_in_place():
+    mask = np.zeros((100, 300), bool)
+    mask[40:60, 200:260] = True
+    small = metrics.resize_mask(mask, 256)
+    assert small.shape == (256, 256) and small.dtype == bool
+    assert small[128, 196] and not small[128, 60]
+    score = metrics.resize_map(mask.astype(np.float32), 256)
+    assert score.shape == (256, 256)
+    assert metrics.pixel_auroc([small], [score]) > 0.99

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
 from mlflow_knn_anomaly.datasets import read_test, read_train
@@ -142,3 +143,35 @@ def test_loading_warns_when_a_library_major_version_differs(saved_detector, tmp_
     (copy / "config.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning, match="torch 1.13.1"):
         SpadeDetector.load(copy)
+
+
+def test_a_bank_of_mixed_aspect_ratios_fits_predicts_and_reloads_exactly(synthetic_root, tmp_path):
+    # Three shapes in one bank: square, landscape and portrait crops of the synthetic images.
+    boxes = [(0, 0, 256, 256), (0, 48, 256, 208), (48, 0, 208, 256)]
+    paths = read_train(synthetic_root)[:18]
+    images = [np.asarray(Image.open(p).convert("RGB").crop(boxes[j % 3])) for j, p in enumerate(paths)]
+    config = SpadeConfig(k_images=3, normalize_layers=True)
+    detector = SpadeDetector(config).fit(images[:15])
+    offsets = detector.bank.offsets["blocks.1"]
+    # stride-4 rows: 256 x 256 -> 64 x 64; 256 x 160 -> 320 x 192 input -> 80 x 48 (and transposed)
+    assert set(np.diff(offsets).tolist()) == {64 * 64, 80 * 48}
+    before = detector.predict(images[15:], segment="all")
+    assert [m.shape for m in before.maps] == [i.shape[:2] for i in images[15:]]
+    after = SpadeDetector.load(detector.save(tmp_path / "mixed")).predict(images[15:], segment="all")
+    np.testing.assert_array_equal(before.scores, after.scores)
+    for a, b in zip(before.maps, after.maps):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_normalized_layers_put_every_layer_on_the_held_out_scale(fitted, synthetic_root):
+    assert len(fitted.config.layer_scales) == len(fitted.config.pyramid)  # calibrated even when unused
+    normalized = SpadeDetector(fitted.config.replace(normalize_layers=True), backbone=fitted.backbone)
+    normalized.bank, normalized.index = fitted.bank, fitted.index
+    path = read_test(synthetic_root)[0].path  # a normal image
+    raw_map = fitted.predict([path], segment="all").maps[0]
+    scaled_map = normalized.predict([path], segment="all").maps[0]
+    assert raw_map.mean() > 2 and 0.5 < scaled_map.mean() < 1.5  # held-out normal pixels average 1 per layer
+    mine = SpadeConfig(normalize_layers=True, layer_scales="1,2,3")
+    assert SpadeDetector(mine).fit(read_train(synthetic_root)[:12]).config.layer_scales == (1.0, 2.0, 3.0)
+    with pytest.raises(ValueError, match="one positive number per layer"):
+        SpadeConfig(layer_scales=(1.0, 2.0))
