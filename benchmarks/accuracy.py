@@ -31,6 +31,12 @@ VARIANTS: dict[str, dict] = {
     "strides_4_to_32": {"layers": LITE0_STRIDES_4_TO_32},
     "normalized": {"normalize_layers": True},
     "strides_4_to_32_normalized": {"layers": LITE0_STRIDES_4_TO_32, "normalize_layers": True},
+    "r320_strides_4_to_32_normalized": {
+        "resize": 320,
+        "score_margin": 20,
+        "layers": LITE0_STRIDES_4_TO_32,
+        "normalize_layers": True,
+    },
     "candidate_-0.5": {"candidate_sigmas": -0.5},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
