@@ -73,7 +73,8 @@ def run(data: Path, name: str) -> dict[str, float]:
     start = time.perf_counter()
     detector = SpadeDetector(config).fit(read_train(data))
     fit_seconds = time.perf_counter() - start
-    figures = evaluate(detector, data).metrics
+    evaluation = evaluate(detector, data)
+    figures = evaluation.metrics
     samples = read_test(data)
     step = max(1, len(samples) // 60)
     paths = [s.path for s in samples[::step]]
@@ -88,6 +89,7 @@ def run(data: Path, name: str) -> dict[str, float]:
         "fit s": fit_seconds,
         "ms/img auto": per_image_ms(detector, paths, "auto"),
         "ms/img stage 1": per_image_ms(detector, paths, "none"),
+        "per_type": {kind: (f["pixel_auroc"], f["aupro"]) for kind, f in evaluation.per_type.items()},
     }
 
 
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--data", nargs="+", type=Path, required=True)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--per-type", action="store_true", help="also print pixel AUROC / AUPRO per defect type")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy.md"))
     args = parser.parse_args()
     threads = configure_threads(args.threads)
@@ -112,6 +115,8 @@ def main() -> None:
             ]
             line = f"| {data.name} | {name} | `{json.dumps(VARIANTS[name])}` | " + " | ".join(cells) + " |"
             print(line, f"(threads={threads})", flush=True)
+            if args.per_type:  # each defect type with the normal test images, at own resolution
+                print({kind: (round(p, 3), round(a, 3)) for kind, (p, a) in row["per_type"].items()}, flush=True)
             with args.out.open("a") as handle:
                 handle.write(line + "\n")
 
