@@ -23,7 +23,7 @@ from . import artifacts
 from .backbones import Backbone, build_backbone
 from .bank import FeatureBank
 from .config import SEGMENT_MODES, SpadeConfig
-from .images import ImageLike, prepare
+from .images import Geometry, ImageLike, prepare
 from .knn import ImageIndex, pixel_knn
 
 
@@ -91,7 +91,7 @@ class SpadeDetector:
             fmap = torch.einsum("nchw,cr->nrhw", fmap, projection)
         return fmap
 
-    def _prepare(self, items: list[ImageLike]):
+    def _prepare(self, items: list[ImageLike]) -> tuple[list[torch.Tensor], list[Geometry]]:
         cfg = self.config
         return prepare(items, cfg.resize, cfg.crop, cfg.keep_aspect)
 
