@@ -23,19 +23,25 @@ from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 LITE0_STRIDES_4_TO_32 = ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+# Before the geometric layer combine and the scaled gallery became the default (v0.3 and older).
+PREVIOUS = {"layer_combine": "mean", "scale_gallery": False}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "default_knn": {"score_mode": "knn"},
-    "paper": {"keep_aspect": False, "crop": 224, "feature_pool": 1, "score_mode": "knn"},
+    "previous_default": PREVIOUS,
+    "mean": {"layer_combine": "mean"},
+    "same_gallery": {"scale_gallery": False},
+    "paper": {"keep_aspect": False, "crop": 224, "feature_pool": 1, "score_mode": "knn", **PREVIOUS},
     "squash": {"keep_aspect": False},
     "strides_4_to_32": {"layers": LITE0_STRIDES_4_TO_32},
-    "normalized": {"normalize_layers": True},
-    "strides_4_to_32_normalized": {"layers": LITE0_STRIDES_4_TO_32, "normalize_layers": True},
-    "r320_strides_4_to_32_normalized": {
-        "resize": 320,
-        "score_margin": 20,
+    "strides_4_to_32_sigma2": {"layers": LITE0_STRIDES_4_TO_32, "sigma": 2.0},
+    "strides_4_to_32_sigma1": {"layers": LITE0_STRIDES_4_TO_32, "sigma": 1.0},
+    "previous_preset": {"layers": LITE0_STRIDES_4_TO_32, "normalize_layers": True, **PREVIOUS},
+    "r288_strides_4_to_32_sigma2": {
+        "resize": 288,
+        "score_margin": 18,
         "layers": LITE0_STRIDES_4_TO_32,
-        "normalize_layers": True,
+        "sigma": 2.0,
     },
     "candidate_-0.5": {"candidate_sigmas": -0.5},
     "reduce16": {"reduce_channels": 16},

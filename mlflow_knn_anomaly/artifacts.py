@@ -23,6 +23,9 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 BANK_DIR = "bank"
 FORMAT_VERSION = 2  # 2: ragged bank rows (aspect-kept inputs)
+# Settings added since format 2 first shipped, with the value that reproduces a model saved before
+# them (its thresholds were calibrated that way); a newer default must not change an old model.
+ADDED_SETTINGS = {"layer_combine": "mean", "scale_gallery": False}
 _VERSIONED = ("mlflow-knn-anomaly", "torch", "torchvision", "timm", "faiss-cpu", "numpy")
 
 
@@ -97,7 +100,7 @@ def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Path, Fea
             f"{FORMAT_VERSION}; rebuild the bank with this version (build-bank)."
         )
     _warn_on_version_mismatch(record.get("versions", {}))
-    config = SpadeConfig.from_dict(record["config"])
+    config = SpadeConfig.from_dict({**ADDED_SETTINGS, **record["config"]})
     return config, path / WEIGHTS_FILE, FeatureBank.load(path / BANK_DIR, mmap=mmap)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from .backbones import BACKBONES
 
 SEGMENT_MODES = ("auto", "all", "none")
+LAYER_COMBINES = ("mean", "geometric")
 SCORE_MODES = ("knn", "two_stage")
 IMAGE_INDEXES = ("flat", "hnsw", "ivf")
 BANK_DTYPES = ("float16", "float32")
@@ -33,11 +34,18 @@ class SpadeConfig:
         crop: centre crop after the resize, in pixels; 0 keeps the whole resized image.
         keep_aspect: keep each image's aspect ratio instead of squashing it into a square.
         k_images: K, the number of nearest normal images (stage-1 score and stage-2 gallery).
+        scale_gallery: a coarser layer's gallery takes the pixels of (stride / finest stride)^2
+            times as many nearest images (capped at the bank), so every layer's gallery holds
+            about as many features; a coarse layer has few features per image, so this stays cheap.
         kappa: the number of nearest gallery features averaged per pixel.
         sigma: Gaussian smoothing of the anomaly map, in pixels of the network input.
         normalize_layers: divide each layer's distance map by `layer_scales` before averaging
             the layers, so that each contributes on one scale (else the layer with the largest
             distances dominates).
+        layer_combine: how the upsampled layer maps become one: "mean" (the paper's) or
+            "geometric" (their geometric mean: a pixel scores high only where every layer agrees,
+            so a coarse layer's halo around a small defect is damped; it is also blind to each
+            layer's distance scale, so no layer dominates and `normalize_layers` has no effect).
         feature_pool: side of the neighbourhood averaged around each feature before the pixel
             kNN (PatchCore's locally aware features); 1 disables it.
         reduce_channels: project each layer with more channels than this onto this many with a
@@ -67,9 +75,11 @@ class SpadeConfig:
     crop: int = 0
     keep_aspect: bool = True
     k_images: int = 5
+    scale_gallery: bool = True
     kappa: int = 1
     sigma: float = 4.0
     normalize_layers: bool = False
+    layer_combine: str = "geometric"
     feature_pool: int = 3
     reduce_channels: int = 0
     score_mode: str = "two_stage"
@@ -108,6 +118,7 @@ class SpadeConfig:
         if bad:
             raise ValueError(f"layers {bad} are not pyramid layers of {self.backbone}; valid names: {valid_layers}.")
         _check_choice("score_mode", self.score_mode, SCORE_MODES)
+        _check_choice("layer_combine", self.layer_combine, LAYER_COMBINES)
         _check_choice("image_index", self.image_index, IMAGE_INDEXES)
         _check_choice("bank_dtype", self.bank_dtype, BANK_DTYPES)
         for name in ("resize", "k_images", "kappa", "feature_pool", "batch_size"):
@@ -117,7 +128,7 @@ class SpadeConfig:
         _check_int("reduce_channels", self.reduce_channels, minimum=0)
         if 2 * self.score_margin >= self.input_size:
             raise ValueError(f"score_margin={self.score_margin} leaves nothing of a {self.input_size}-px input.")
-        for name in ("keep_aspect", "normalize_layers"):
+        for name in ("keep_aspect", "normalize_layers", "scale_gallery"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
         if self.layer_scales and (len(self.layer_scales) != len(self.pyramid) or min(self.layer_scales) <= 0):
@@ -156,6 +167,15 @@ class SpadeConfig:
     def pyramid(self) -> tuple[str, ...]:
         """The stage-2 layer names in use (the backbone's default when `layers` is empty)."""
         return self.layers or BACKBONES[self.backbone].default_layers
+
+    def gallery_images(self) -> dict[str, int]:
+        """Per stage-2 layer, how many nearest images give it its gallery (before capping at the bank)."""
+        spec = BACKBONES[self.backbone]
+        strides = {name: spec.layer(name).stride for name in self.pyramid}
+        finest = min(strides.values())
+        if not self.scale_gallery:
+            return {name: self.k_images for name in strides}
+        return {name: self.k_images * (stride // finest) ** 2 for name, stride in strides.items()}
 
     @property
     def input_size(self) -> int:

@@ -183,17 +183,27 @@ class SpadeDetector:
 
     # ---- the two stages -----------------------------------------------------------------------
     def _stage1(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Image scores (Q,): mean distance to the K nearest normal images; and their (Q, K) indices."""
-        sq_dist, nn_indices = self.index.search(pooled, self.config.k_images)
-        return np.sqrt(sq_dist).mean(axis=1), nn_indices
+        """Image scores (Q,): mean distance to the K nearest normal images; and the (Q, M) indices of
+        the M >= K nearest, nearest first, M being the most images any layer's gallery needs."""
+        k = self.config.k_images
+        wanted = min(self.bank.n_images, max(k, *self.config.gallery_images().values()))
+        sq_dist, nn_indices = self.index.search(pooled, wanted)
+        return np.sqrt(sq_dist[:, :k]).mean(axis=1), nn_indices
 
     def _layer_distances(self, fmaps: dict[str, torch.Tensor], nn_indices: np.ndarray) -> dict[str, torch.Tensor]:
-        """Per layer, the (1, 1, h, w) mean distance of each pixel to its kappa nearest gallery features."""
+        """Per layer, the (1, 1, h, w) mean distance of each pixel to its kappa nearest gallery features.
+
+        Args:
+            fmaps: the query's maps {layer: (C, h, w)}.
+            nn_indices: (M,) its nearest bank images, nearest first; each layer's gallery is the
+                pixels of the first `gallery_images()[layer]` of them.
+        """
         distances = {}
+        gallery_images = self.config.gallery_images()
         for name, fmap in fmaps.items():
             c, h, w = fmap.shape
             query = fmap.float().permute(1, 2, 0).reshape(-1, c)
-            gallery = self.bank.gallery(name, nn_indices)
+            gallery = self.bank.gallery(name, nn_indices[: gallery_images[name]])
             distances[name] = pixel_knn(query, gallery, self.config.kappa).view(1, 1, h, w)
         return distances
 
@@ -201,13 +211,17 @@ class SpadeDetector:
         self, distances: dict[str, torch.Tensor], size: tuple[int, int], layer_scales: tuple[float, ...]
     ) -> np.ndarray:
         """Upsample the layer maps to the network input `size` (H, W), average them (each divided by
-        its layer scale with `normalize_layers`), smooth."""
+        its layer scale with `normalize_layers`; arithmetic or geometric mean, `layer_combine`), smooth."""
         scales = layer_scales if self.config.normalize_layers else (1.0,) * len(distances)
         layer_maps = [
             F.interpolate(dist / scale, size=tuple(size), mode="bilinear", align_corners=False)
             for dist, scale in zip(distances.values(), scales, strict=True)
         ]
-        score_map = torch.cat(layer_maps).mean(dim=0)[0].numpy()
+        stacked = torch.cat(layer_maps)[:, 0]
+        if self.config.layer_combine == "geometric":
+            score_map = stacked.clamp_min(1e-12).log().mean(dim=0).exp().numpy()
+        else:
+            score_map = stacked.mean(dim=0).numpy()
         return gaussian_filter(score_map, self.config.sigma) if self.config.sigma > 0 else score_map
 
     def _stage2(self, fmaps: dict[str, torch.Tensor], nn_indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -61,7 +64,6 @@ def test_save_load_round_trip_gives_identical_scores_and_masks(fitted, saved_det
 
 
 def test_tampered_artifact_is_refused(saved_detector, tmp_path):
-    import shutil
 
     copy = shutil.copytree(saved_detector, tmp_path / "copy")
     target = next((copy / "bank").glob("map_*.npy"))
@@ -134,8 +136,6 @@ def test_concurrent_predicts_equal_sequential_ones(fitted, synthetic_root):
 
 
 def test_loading_warns_when_a_library_major_version_differs(saved_detector, tmp_path):
-    import json
-    import shutil
 
     copy = shutil.copytree(saved_detector, tmp_path / "old")
     record = json.loads((copy / "config.json").read_text())
@@ -165,13 +165,60 @@ def test_a_bank_of_mixed_aspect_ratios_fits_predicts_and_reloads_exactly(synthet
 
 def test_normalized_layers_put_every_layer_on_the_held_out_scale(fitted, synthetic_root):
     assert len(fitted.config.layer_scales) == len(fitted.config.pyramid)  # calibrated even when unused
-    normalized = SpadeDetector(fitted.config.replace(normalize_layers=True), backbone=fitted.backbone)
-    normalized.bank, normalized.index = fitted.bank, fitted.index
+    arithmetic = SpadeDetector(fitted.config.replace(layer_combine="mean"), backbone=fitted.backbone)
+    normalized = SpadeDetector(arithmetic.config.replace(normalize_layers=True), backbone=fitted.backbone)
+    arithmetic.bank, arithmetic.index = normalized.bank, normalized.index = fitted.bank, fitted.index
     path = read_test(synthetic_root)[0].path  # a normal image
-    raw_map = fitted.predict([path], segment="all").maps[0]
+    raw_map = arithmetic.predict([path], segment="all").maps[0]
     scaled_map = normalized.predict([path], segment="all").maps[0]
     assert raw_map.mean() > 2 and 0.5 < scaled_map.mean() < 1.5  # held-out normal pixels average 1 per layer
     mine = SpadeConfig(normalize_layers=True, layer_scales="1,2,3")
     assert SpadeDetector(mine).fit(read_train(synthetic_root)[:12]).config.layer_scales == (1.0, 2.0, 3.0)
     with pytest.raises(ValueError, match="one positive number per layer"):
         SpadeConfig(layer_scales=(1.0, 2.0))
+
+
+def test_coarse_layers_search_the_pixels_of_more_nearest_images(fitted, synthetic_root):
+    assert fitted.config.gallery_images() == {"blocks.1": 5, "blocks.2": 20, "blocks.4": 80}
+    assert set(fitted.config.replace(scale_gallery=False).gallery_images().values()) == {5}
+    path = read_test(synthetic_root)[0].path
+    pooled, fmaps = fitted.extract(fitted._prepare([path])[0])
+    _, nn_indices = fitted._stage1(pooled)
+    bank = fitted.bank
+    assert nn_indices.shape == (1, bank.n_images)  # 80 wanted, capped at the bank
+    distances = fitted._layer_distances(fmaps[0], nn_indices[0])
+    for name, images in (("blocks.1", nn_indices[0, :5]), ("blocks.2", nn_indices[0, :20])):
+        c = fmaps[0][name].shape[0]
+        query = fmaps[0][name].float().permute(1, 2, 0).reshape(-1, c)
+        brute = torch.cdist(query, bank.gallery(name, images)).min(dim=1).values
+        torch.testing.assert_close(distances[name].flatten(), brute, rtol=1e-3, atol=1e-3)
+    c = fmaps[0]["blocks.4"].shape[0]
+    query = fmaps[0]["blocks.4"].float().permute(1, 2, 0).reshape(-1, c)
+    whole_bank = torch.from_numpy(np.asarray(bank.maps["blocks.4"])).float()
+    brute = torch.cdist(query, whole_bank).min(dim=1).values
+    torch.testing.assert_close(distances["blocks.4"].flatten(), brute, rtol=1e-3, atol=1e-3)
+
+
+def test_geometric_layer_combine_is_blind_to_layer_scales(fitted):
+    distances = {"blocks.1": torch.full((1, 1, 4, 4), 2.0), "blocks.2": torch.full((1, 1, 2, 2), 8.0)}
+    distances["blocks.1"][0, 0, 0, 0] = 32.0
+    geometric = SpadeDetector(fitted.config.replace(layer_combine="geometric", sigma=0.0), backbone=fitted.backbone)
+    plain = geometric._combine(distances, (4, 4), (1.0, 1.0))
+    assert plain[3, 3] == pytest.approx(4.0) and plain[0, 0] == pytest.approx(16.0)  # sqrt(2 * 8), sqrt(32 * 8)
+    scaled = SpadeDetector(geometric.config.replace(normalize_layers=True), backbone=fitted.backbone)
+    np.testing.assert_allclose(scaled._combine(distances, (4, 4), (2.0, 8.0)), plain / 4, rtol=1e-6)
+    with pytest.raises(ValueError, match="layer_combine='max' is not one of"):
+        SpadeConfig(layer_combine="max")
+
+
+def test_a_model_saved_before_the_new_map_settings_loads_with_the_settings_it_was_calibrated_with(
+    saved_detector, tmp_path
+):
+    copy = shutil.copytree(saved_detector, tmp_path / "older")
+    record = json.loads((copy / "config.json").read_text())
+    for key in ("layer_combine", "scale_gallery"):
+        del record["config"][key]
+    (copy / "config.json").write_text(json.dumps(record))
+    config = SpadeDetector.load(copy).config
+    assert (config.layer_combine, config.scale_gallery) == ("mean", False)
+    assert (SpadeConfig().layer_combine, SpadeConfig().scale_gallery) == ("geometric", True)
