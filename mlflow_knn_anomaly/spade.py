@@ -2,8 +2,9 @@
 
 Stage 1 scores an image by the mean distance of its pooled feature to its K nearest normal
 images. Stage 2, run only where needed, segments it: each pixel scores the mean distance to its
-kappa nearest features in the gallery, the pixel features of those K images, per pyramid layer;
-the layer maps are upsampled, averaged and Gaussian-smoothed.
+kappa nearest features in the gallery, the pixel features of those K images, per pyramid layer
+(a coarser layer takes more of the nearest images, `scale_gallery`); the layer maps are upsampled,
+combined (geometric mean by default, the paper's average as an option) and Gaussian-smoothed.
 """
 
 from __future__ import annotations
