@@ -39,9 +39,9 @@ class SpadeConfig:
             about as many features; a coarse layer has few features per image, so this stays cheap.
         kappa: the number of nearest gallery features averaged per pixel.
         sigma: Gaussian smoothing of the anomaly map, in pixels of the network input.
-        normalize_layers: divide each layer's distance map by `layer_scales` before averaging
-            the layers, so that each contributes on one scale (else the layer with the largest
-            distances dominates).
+        normalize_layers: divide each layer's distance map by `layer_scales` before combining
+            the layers, so that with `layer_combine="mean"` each contributes on one scale (else
+            the layer with the largest distances dominates).
         layer_combine: how the upsampled layer maps become one: "mean" (the paper's) or
             "geometric" (their geometric mean: a pixel scores high only where every layer agrees,
             so a coarse layer's halo around a small defect is damped; it is also blind to each
