@@ -22,33 +22,27 @@ from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
-LITE0_STRIDES_4_TO_32 = ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
-# Before the geometric layer combine and the scaled gallery became the default (v0.3 and older).
-PREVIOUS = {"layer_combine": "mean", "scale_gallery": False}
+LITE0_STRIDES_4_TO_16 = ["blocks.1", "blocks.2", "blocks.4"]
+# The defaults before v0.3: strides 4-16, the paper's average of the layers, one gallery, sigma 4.
+PREVIOUS = {"layers": LITE0_STRIDES_4_TO_16, "layer_combine": "mean", "scale_gallery": False, "sigma": 4.0}
 VARIANTS: dict[str, dict] = {
     "default": {},
     "default_knn": {"score_mode": "knn"},
     "previous_default": PREVIOUS,
+    "strides_4_to_16": {"layers": LITE0_STRIDES_4_TO_16, "sigma": 4.0},
+    "strides_4_to_16_mean": {"layers": LITE0_STRIDES_4_TO_16, "sigma": 4.0, "layer_combine": "mean"},
+    "strides_4_to_16_same_gallery": {"layers": LITE0_STRIDES_4_TO_16, "sigma": 4.0, "scale_gallery": False},
+    "sigma4": {"sigma": 4.0},
     "mean": {"layer_combine": "mean"},
     "same_gallery": {"scale_gallery": False},
     "paper": {"keep_aspect": False, "crop": 224, "feature_pool": 1, "score_mode": "knn", **PREVIOUS},
     "squash": {"keep_aspect": False},
-    "strides_4_to_32": {"layers": LITE0_STRIDES_4_TO_32},
-    "strides_4_to_32_sigma2": {"layers": LITE0_STRIDES_4_TO_32, "sigma": 2.0},
-    "strides_4_to_32_sigma1": {"layers": LITE0_STRIDES_4_TO_32, "sigma": 1.0},
-    "previous_preset": {"layers": LITE0_STRIDES_4_TO_32, "normalize_layers": True, **PREVIOUS},
-    "r288_strides_4_to_32_sigma2": {
-        "resize": 288,
-        "score_margin": 18,
-        "layers": LITE0_STRIDES_4_TO_32,
-        "sigma": 2.0,
-    },
+    "r288": {"resize": 288, "score_margin": 18},
     "candidate_-0.5": {"candidate_sigmas": -0.5},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
     "k10": {"k_images": 10},
     "kappa3": {"kappa": 3},
-    "sigma2": {"sigma": 2.0},
     "r224": {"resize": 224, "score_margin": 14},
     "r320": {"resize": 320, "score_margin": 20},
     "lite1": {"backbone": "efficientnet_lite1"},

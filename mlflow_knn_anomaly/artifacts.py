@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from .backbones import Backbone
+from .backbones import BACKBONES, Backbone
 from .bank import FeatureBank
 from .config import SpadeConfig
 
@@ -100,8 +100,12 @@ def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Path, Fea
             f"{FORMAT_VERSION}; rebuild the bank with this version (build-bank)."
         )
     _warn_on_version_mismatch(record.get("versions", {}))
-    config = SpadeConfig.from_dict({**ADDED_SETTINGS, **record["config"]})
-    return config, path / WEIGHTS_FILE, FeatureBank.load(path / BANK_DIR, mmap=mmap)
+    bank = FeatureBank.load(path / BANK_DIR, mmap=mmap)
+    settings = {**ADDED_SETTINGS, **record["config"]}
+    spec = BACKBONES.get(settings.get("backbone"))
+    if not settings.get("layers") and spec is not None and tuple(bank.maps) != spec.default_layers:
+        settings["layers"] = list(bank.maps)  # saved as "the backbone's default" before that changed
+    return SpadeConfig.from_dict(settings), path / WEIGHTS_FILE, bank
 
 
 def _warn_on_version_mismatch(saved: dict[str, str]) -> None:

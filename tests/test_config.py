@@ -11,7 +11,7 @@ def test_defaults_round_trip_through_json():
 
 
 def test_empty_layers_mean_the_backbone_pyramid():
-    assert SpadeConfig().pyramid == ("blocks.1", "blocks.2", "blocks.4")
+    assert SpadeConfig().pyramid == ("blocks.1", "blocks.2", "blocks.4", "blocks.6")
     assert SpadeConfig(backbone="wide_resnet50_2").pyramid == ("layer1", "layer2", "layer3")
 
 

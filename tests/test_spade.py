@@ -171,15 +171,16 @@ def test_normalized_layers_put_every_layer_on_the_held_out_scale(fitted, synthet
     path = read_test(synthetic_root)[0].path  # a normal image
     raw_map = arithmetic.predict([path], segment="all").maps[0]
     scaled_map = normalized.predict([path], segment="all").maps[0]
-    assert raw_map.mean() > 2 and 0.5 < scaled_map.mean() < 1.5  # held-out normal pixels average 1 per layer
-    mine = SpadeConfig(normalize_layers=True, layer_scales="1,2,3")
-    assert SpadeDetector(mine).fit(read_train(synthetic_root)[:12]).config.layer_scales == (1.0, 2.0, 3.0)
+    # Held-out normal pixels average 1 per layer; a normal test image lands near that scale.
+    assert raw_map.mean() > 3 * scaled_map.mean() and 0.5 < scaled_map.mean() < 2.5
+    mine = SpadeConfig(normalize_layers=True, layer_scales="1,2,3,4")
+    assert SpadeDetector(mine).fit(read_train(synthetic_root)[:12]).config.layer_scales == (1.0, 2.0, 3.0, 4.0)
     with pytest.raises(ValueError, match="one positive number per layer"):
         SpadeConfig(layer_scales=(1.0, 2.0))
 
 
 def test_coarse_layers_search_the_pixels_of_more_nearest_images(fitted, synthetic_root):
-    assert fitted.config.gallery_images() == {"blocks.1": 5, "blocks.2": 20, "blocks.4": 80}
+    assert fitted.config.gallery_images() == {"blocks.1": 5, "blocks.2": 20, "blocks.4": 80, "blocks.6": 320}
     assert set(fitted.config.replace(scale_gallery=False).gallery_images().values()) == {5}
     path = read_test(synthetic_root)[0].path
     pooled, fmaps = fitted.extract(fitted._prepare([path])[0])
@@ -212,13 +213,17 @@ def test_geometric_layer_combine_is_blind_to_layer_scales(fitted):
 
 
 def test_a_model_saved_before_the_new_map_settings_loads_with_the_settings_it_was_calibrated_with(
-    saved_detector, tmp_path
+    synthetic_root, tmp_path
 ):
-    copy = shutil.copytree(saved_detector, tmp_path / "older")
-    record = json.loads((copy / "config.json").read_text())
+    # An older model: three layers saved as "the backbone's default", no layer_combine / scale_gallery.
+    older = SpadeConfig(layers="blocks.1,blocks.2,blocks.4", k_images=3, layer_combine="mean", scale_gallery=False)
+    path = SpadeDetector(older).fit(read_train(synthetic_root)[:12]).save(tmp_path / "older")
+    record = json.loads((path / "config.json").read_text())
+    record["config"]["layers"] = []
     for key in ("layer_combine", "scale_gallery"):
         del record["config"][key]
-    (copy / "config.json").write_text(json.dumps(record))
-    config = SpadeDetector.load(copy).config
+    (path / "config.json").write_text(json.dumps(record))
+    config = SpadeDetector.load(path).config
     assert (config.layer_combine, config.scale_gallery) == ("mean", False)
+    assert config.pyramid == ("blocks.1", "blocks.2", "blocks.4")  # the bank's, not today's default
     assert (SpadeConfig().layer_combine, SpadeConfig().scale_gallery) == ("geometric", True)
