@@ -186,7 +186,7 @@ def test_coarse_layers_search_the_pixels_of_more_nearest_images(fitted, syntheti
     pooled, fmaps = fitted.extract(fitted._prepare([path])[0])
     _, nn_indices = fitted._stage1(pooled)
     bank = fitted.bank
-    assert nn_indices.shape == (1, bank.n_images)  # 80 wanted, capped at the bank
+    assert nn_indices.shape == (1, bank.n_images)  # 320 wanted, capped at the bank
     distances = fitted._layer_distances(fmaps[0], nn_indices[0])
     for name, images in (("blocks.1", nn_indices[0, :5]), ("blocks.2", nn_indices[0, :20])):
         c = fmaps[0][name].shape[0]
