@@ -211,8 +211,8 @@ class SpadeDetector:
     def _combine(
         self, distances: dict[str, torch.Tensor], size: tuple[int, int], layer_scales: tuple[float, ...]
     ) -> np.ndarray:
-        """Upsample the layer maps to the network input `size` (H, W), average them (each divided by
-        its layer scale with `normalize_layers`; arithmetic or geometric mean, `layer_combine`), smooth."""
+        """Upsample the layer maps to the network input `size` (H, W), combine them (`layer_combine`:
+        geometric or arithmetic mean; each divided by its layer scale with `normalize_layers`), smooth."""
         scales = layer_scales if self.config.normalize_layers else (1.0,) * len(distances)
         layer_maps = [
             F.interpolate(dist / scale, size=tuple(size), mode="bilinear", align_corners=False)
