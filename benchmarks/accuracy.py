@@ -23,6 +23,7 @@ from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 LITE0_STRIDES_4_TO_16 = ["blocks.1", "blocks.2", "blocks.4"]
+LITE0_STRIDES_8_TO_32 = ["blocks.2", "blocks.4", "blocks.6"]
 # The defaults before v0.3: strides 4-16, the paper's average of the layers, one gallery, sigma 4.
 PREVIOUS = {"layers": LITE0_STRIDES_4_TO_16, "layer_combine": "mean", "scale_gallery": False, "sigma": 4.0}
 VARIANTS: dict[str, dict] = {
@@ -32,6 +33,7 @@ VARIANTS: dict[str, dict] = {
     "strides_4_to_16": {"layers": LITE0_STRIDES_4_TO_16, "sigma": 4.0},
     "strides_4_to_16_mean": {"layers": LITE0_STRIDES_4_TO_16, "sigma": 4.0, "layer_combine": "mean"},
     "strides_4_to_16_same_gallery": {"layers": LITE0_STRIDES_4_TO_16, "sigma": 4.0, "scale_gallery": False},
+    "strides_8_to_32": {"layers": LITE0_STRIDES_8_TO_32},
     "sigma4": {"sigma": 4.0},
     "mean": {"layer_combine": "mean"},
     "same_gallery": {"scale_gallery": False},
@@ -41,6 +43,7 @@ VARIANTS: dict[str, dict] = {
     "candidate_-0.5": {"candidate_sigmas": -0.5},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
+    "k3": {"k_images": 3},
     "k10": {"k_images": 10},
     "kappa3": {"kappa": 3},
     "r224": {"resize": 224, "score_margin": 14},
