@@ -42,7 +42,6 @@ def main() -> None:
     configure_threads(args.threads)
     detector = SpadeDetector(SpadeConfig()).fit(read_train(args.data))
     evaluation = evaluate(detector, args.data)
-    knn = detector.predict([s.path for s in evaluation.samples], segment="none").knn_scores
 
     values, bands, defective = [], [], []
     for sample, score_map, truth in zip(evaluation.samples, evaluation.maps, evaluation.gt_masks):
@@ -74,7 +73,7 @@ def main() -> None:
     for kind in sorted(set(kinds) - {"good"}):
         keep = (kinds == kind) | ~labels
         share = np.mean([t.mean() for t, k in zip(evaluation.gt_masks, kinds) if k == kind])
-        auroc = metrics.image_auroc(labels[keep], knn[keep])
+        auroc = metrics.image_auroc(labels[keep], evaluation.knn_scores[keep])
         print(f"| {kind} | {int((kinds == kind).sum())} | {auroc:.3f} | {share:.4f} |")
 
 

@@ -22,13 +22,15 @@ class Evaluation:
     Attributes:
         metrics: headline figures: image_auroc, pixel_auroc, aupro, thresholds, stage-2 share...
         per_type: {defect type: the same figures, that type's images plus the normal ones}.
-        samples: the test samples, in order; scores (N,), maps and gt_masks (H_i, W_i) per sample.
+        samples: the test samples, in order; scores (N,) as reported, knn_scores (N,) of stage 1,
+            maps and gt_masks (H_i, W_i) per sample.
     """
 
     metrics: dict[str, float]
     per_type: dict[str, dict[str, float]]
     samples: list[TestSample]
     scores: np.ndarray
+    knn_scores: np.ndarray
     maps: list[np.ndarray]
     gt_masks: list[np.ndarray]
     pro: metrics.ProCurve
@@ -70,6 +72,7 @@ def evaluate(detector: SpadeDetector, root: str | Path) -> Evaluation:
         per_type=per_type,
         samples=samples,
         scores=prediction.scores,
+        knn_scores=prediction.knn_scores,
         maps=prediction.maps,
         gt_masks=gt,
         pro=metrics.pro_curve(gt, prediction.maps),
