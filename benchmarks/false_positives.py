@@ -43,12 +43,14 @@ def main() -> None:
     detector = SpadeDetector(SpadeConfig()).fit(read_train(args.data))
     evaluation = evaluate(detector, args.data)
 
+    labels = np.array([s.is_anomalous for s in evaluation.samples])
+    kinds = np.array([s.defect_type for s in evaluation.samples])
     values, bands, defective = [], [], []
-    for sample, score_map, truth in zip(evaluation.samples, evaluation.maps, evaluation.gt_masks):
+    for label, score_map, truth in zip(labels, evaluation.maps, evaluation.gt_masks):
         normal = ~truth
         values.append(score_map[normal])
         bands.append(border_distance(*score_map.shape)[normal])
-        defective.append(np.full(int(normal.sum()), sample.is_anomalous))
+        defective.append(np.full(int(normal.sum()), label))
     value, band, defect = np.concatenate(values), np.concatenate(bands), np.concatenate(defective)
     threshold = np.quantile(value, 1.0 - FPR_LIMIT)
     above = value > threshold
@@ -66,8 +68,6 @@ def main() -> None:
             f"| {above[keep & defect].mean():.3f} |"
         )
 
-    labels = np.array([s.is_anomalous for s in evaluation.samples])
-    kinds = np.array([s.defect_type for s in evaluation.samples])
     print("\n| defect type | images | stage-1 image AUROC vs normal | mean defect share of the image |")
     print("|---|---|---|---|")
     for kind in sorted(set(kinds) - {"good"}):

@@ -64,7 +64,6 @@ def test_save_load_round_trip_gives_identical_scores_and_masks(fitted, saved_det
 
 
 def test_tampered_artifact_is_refused(saved_detector, tmp_path):
-
     copy = shutil.copytree(saved_detector, tmp_path / "copy")
     target = next((copy / "bank").glob("map_*.npy"))
     data = bytearray(target.read_bytes())
@@ -139,7 +138,6 @@ def test_concurrent_predicts_equal_sequential_ones(fitted, synthetic_root):
 
 
 def test_loading_warns_when_a_library_major_version_differs(saved_detector, tmp_path):
-
     copy = shutil.copytree(saved_detector, tmp_path / "old")
     record = json.loads((copy / "config.json").read_text())
     record["versions"]["torch"] = "1.13.1"
