@@ -67,8 +67,8 @@ def build_bank(
             mlflow.log_text(listing, "skipped_images.txt")
             images = [p for p in images if p not in {b for b, _ in bad}]
         split_holdout(images, config)  # too few images fails here, before any work
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
-        mlflow.log_params({"data": data, "n_train_images": len(images)})
+        _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
+        _log_new_params({"data": data, "n_train_images": len(images)})
         start = time.perf_counter()
         if spark_master:
             from . import spark
@@ -111,7 +111,7 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
         root = resolve_data(data, Path(tmp))
         result = evaluate_detector(load_model(model_uri), root)
         digest = data_digest(root)
-        mlflow.log_params({"model_uri": model_uri, "data": data, "data_digest": digest})
+        _log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
         mlflow.log_metrics(result.metrics)
         for kind, figures in result.per_type.items():
             mlflow.log_metrics({f"{kind}.{key}": value for key, value in figures.items()})
@@ -147,6 +147,15 @@ def lifecycle(
         decision = registry.promote(model_name, version, metric=metric, min_delta=min_delta)
         mlflow.set_tags({"promotion.decision": "promoted" if decision.promoted else "kept", "version": version})
         return decision
+
+
+def _log_new_params(params: dict) -> None:
+    """Log params the run does not have yet. `mlflow run` logs its MLproject parameters on the same
+    run before the job starts, spelt as given on the command line ('' for an empty list, 'true' for
+    True); MLflow refuses to log a param again with another spelling, so those keep theirs."""
+    run = mlflow.active_run()
+    logged = MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 
 def _run(name: str):
