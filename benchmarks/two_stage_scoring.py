@@ -32,9 +32,9 @@ def main(root: str) -> None:
 
     def scores(paths):
         prediction = detector.predict(paths, segment="all")
-        maxima = np.array([m.max() for m in prediction.maps])
+        maxima = np.array([m.max() for m in prediction.anomaly_maps])
         inner = []
-        for m in prediction.maps:
+        for m in prediction.anomaly_maps:
             dy, dx = int(m.shape[0] * 16 / 256), int(m.shape[1] * 16 / 256)
             inner.append(m[dy : m.shape[0] - dy, dx : m.shape[1] - dx].max())
         return prediction.knn_scores, maxima, np.array(inner)

@@ -1,5 +1,5 @@
-"""A saved detector on disk: config.json (config, sha256 of every artifact, library versions),
-weights.safetensors and bank/*.npy. Written to a temporary directory, then renamed into place.
+"""A saved detector on disk: config.json (settings, calibration, sha256 of every artifact, library
+versions), weights.safetensors and bank/*.npy. Written to a temporary directory, then renamed into place.
 """
 
 from __future__ import annotations
@@ -17,15 +17,29 @@ from safetensors.torch import save_file
 
 from .backbones import BACKBONES, Backbone
 from .bank import FeatureBank
+from .calibration import Calibration
 from .config import SpadeConfig
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 BANK_DIR = "bank"
-FORMAT_VERSION = 2  # 2: ragged bank rows (aspect-kept inputs)
+FORMAT_VERSION = 3  # 2: ragged bank rows (aspect-kept inputs); 3: calibration apart from the settings
+READABLE_FORMATS = (2, 3)
 # Settings added since format 2 first shipped, with the value that reproduces a model saved before
 # them (its thresholds were calibrated that way); a newer default must not change an old model.
-ADDED_SETTINGS = {"layer_combine": "mean", "scale_gallery": False}
+ADDED_SETTINGS = {"layer_combine": "mean", "scale_gallery": False, "stage1_feature": "last"}
+# Format 2 kept the fitted state among the settings; `candidate_threshold` is now the gate.
+FORMAT2_FITTED = {
+    "image_threshold": "image_threshold",
+    "pixel_threshold": "pixel_threshold",
+    "candidate_threshold": "gate_threshold",
+    "knn_mean": "knn_mean",
+    "knn_std": "knn_std",
+    "map_mean": "map_mean",
+    "map_std": "map_std",
+    "layer_scales": "layer_scales",
+}
+FORMAT2_DROPPED = ("candidate_sigmas",)
 _VERSIONED = ("mlflow-knn-anomaly", "torch", "torchvision", "timm", "faiss-cpu", "numpy")
 
 
@@ -47,7 +61,9 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_detector(path: Path, config: SpadeConfig, backbone: Backbone, bank: FeatureBank) -> Path:
+def save_detector(
+    path: Path, config: SpadeConfig, calibration: Calibration, backbone: Backbone, bank: FeatureBank
+) -> Path:
     """Write a detector directory atomically; refuse to overwrite an existing path."""
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new path or remove it first.")
@@ -60,6 +76,7 @@ def save_detector(path: Path, config: SpadeConfig, backbone: Backbone, bank: Fea
         record = {
             "format_version": FORMAT_VERSION,
             "config": config.to_dict(),
+            "calibration": calibration.to_dict(),
             "bank": {"n_images": bank.n_images, "nbytes": bank.nbytes},
             "sha256": {f.relative_to(tmp).as_posix(): sha256(f) for f in files},
             "versions": library_versions(),
@@ -72,11 +89,11 @@ def save_detector(path: Path, config: SpadeConfig, backbone: Backbone, bank: Fea
     return path
 
 
-def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Path, FeatureBank]:
-    """Read and verify a detector directory.
+def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Calibration, Path, FeatureBank]:
+    """Read and verify a detector directory (this format or the previous one).
 
     Returns:
-        The config, the weights file path, and the (memory-mapped) bank.
+        The config, the calibration, the weights file path, and the (memory-mapped) bank.
 
     Raises:
         FileNotFoundError: not a saved detector. ValueError: an artifact's hash differs.
@@ -94,18 +111,24 @@ def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Path, Fea
                 f"artifact {name} in {path} does not match its recorded sha256: the file was "
                 "modified or corrupted. Re-download or rebuild the model."
             )
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") not in READABLE_FORMATS:
         raise ValueError(
-            f"{path} was saved in format {record.get('format_version')}, this version reads format "
-            f"{FORMAT_VERSION}; rebuild the bank with this version (build-bank)."
+            f"{path} was saved in format {record.get('format_version')}, this version reads formats "
+            f"{list(READABLE_FORMATS)}; rebuild the bank with this version (build-bank)."
         )
     _warn_on_version_mismatch(record.get("versions", {}))
     bank = FeatureBank.load(path / BANK_DIR, mmap=mmap)
     settings = {**ADDED_SETTINGS, **record["config"]}
+    if "calibration" in record:
+        calibration = Calibration.from_dict(record["calibration"])
+    else:
+        calibration = Calibration.from_dict({new: settings.pop(old, ()) for old, new in FORMAT2_FITTED.items()})
+        for key in FORMAT2_DROPPED:
+            settings.pop(key, None)
     spec = BACKBONES.get(settings.get("backbone"))
-    if not settings.get("layers") and spec is not None and tuple(bank.maps) != spec.default_layers:
-        settings["layers"] = list(bank.maps)  # saved as "the backbone's default" before that changed
-    return SpadeConfig.from_dict(settings), path / WEIGHTS_FILE, bank
+    if not settings.get("layers") and spec is not None and tuple(bank.features) != spec.default_layers:
+        settings["layers"] = list(bank.features)  # saved as "the backbone's default" before that changed
+    return SpadeConfig.from_dict(settings), calibration, path / WEIGHTS_FILE, bank
 
 
 def _warn_on_version_mismatch(saved: dict[str, str]) -> None:

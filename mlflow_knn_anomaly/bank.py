@@ -21,13 +21,13 @@ class FeatureBank:
 
     Attributes:
         pooled: (N, D) float32 pooled features (stage 1).
-        maps: {layer: (P, C)} pixel features of all images, row-major (y, x) per image, float16
+        features: {layer: (P, C)} pixel features of all images, row-major (y, x) per image, float16
             or float32; may be memory-mapped read-only arrays.
         offsets: {layer: (N + 1,) int64} first row of each image, and the total row count.
     """
 
     pooled: np.ndarray
-    maps: dict[str, np.ndarray]
+    features: dict[str, np.ndarray]
     offsets: dict[str, np.ndarray]
 
     @classmethod
@@ -36,7 +36,7 @@ class FeatureBank:
         layers = list(images[0]) if images else []
         return cls(
             pooled=np.ascontiguousarray(pooled, dtype=np.float32),
-            maps={layer: np.concatenate([rows[layer] for rows in images]) for layer in layers},
+            features={layer: np.concatenate([rows[layer] for rows in images]) for layer in layers},
             offsets={
                 layer: np.concatenate([[0], np.cumsum([len(rows[layer]) for rows in images])]).astype(np.int64)
                 for layer in layers
@@ -49,26 +49,26 @@ class FeatureBank:
 
     @property
     def nbytes(self) -> int:
-        return int(self.pooled.nbytes + sum(m.nbytes + self.offsets[k].nbytes for k, m in self.maps.items()))
+        return int(self.pooled.nbytes + sum(m.nbytes + self.offsets[k].nbytes for k, m in self.features.items()))
 
     def gallery(self, layer: str, nn_indices: np.ndarray) -> torch.Tensor:
         """(sum of h_i * w_i, C) float32 pixel features of the images `nn_indices` (K,) on `layer`."""
         starts = self.offsets[layer]
-        rows = [self.maps[layer][starts[i] : starts[i + 1]] for i in np.sort(nn_indices)]
+        rows = [self.features[layer][starts[i] : starts[i + 1]] for i in np.sort(nn_indices)]
         return torch.from_numpy(np.concatenate(rows)).float()
 
     def save(self, directory: Path) -> list[Path]:
         """Write one .npy per array plus the manifest into `directory`; returns the files written."""
         directory.mkdir(parents=True, exist_ok=True)
         arrays = {"pooled": self.pooled}
-        for layer in self.maps:
-            arrays[f"map_{layer}"] = self.maps[layer]
+        for layer in self.features:
+            arrays[f"map_{layer}"] = self.features[layer]
             arrays[f"offsets_{layer}"] = self.offsets[layer]
         for key, array in arrays.items():
             np.save(directory / f"{key}.npy", np.ascontiguousarray(array), allow_pickle=False)
         manifest = {
             "n_images": self.n_images,
-            "layers": list(self.maps),
+            "layers": list(self.features),
             "shapes": {key: list(array.shape) for key, array in arrays.items()},
             "dtypes": {key: str(array.dtype) for key, array in arrays.items()},
         }
@@ -91,6 +91,6 @@ class FeatureBank:
         layers = manifest["layers"]
         return cls(
             pooled=arrays["pooled"],
-            maps={layer: arrays[f"map_{layer}"] for layer in layers},
+            features={layer: arrays[f"map_{layer}"] for layer in layers},
             offsets={layer: np.asarray(arrays[f"offsets_{layer}"]) for layer in layers},
         )

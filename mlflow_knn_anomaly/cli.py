@@ -13,7 +13,7 @@ import sys
 import click
 
 from . import jobs, registry
-from .config import SpadeConfig
+from .config import CALIBRATED, OVERRIDES, SpadeConfig
 from .runtime import configure_threads
 
 _FIELDS = dataclasses.fields(SpadeConfig)
@@ -24,16 +24,16 @@ def _config_options(command):
     """Add one --option per SpadeConfig field (underscores become dashes)."""
     for field in reversed(_FIELDS):
         default = getattr(_DEFAULTS, field.name)
-        if field.name in ("layers", "layer_scales"):
-            kind, default = str, ""
-        elif default is None:
-            kind = float
+        if field.name == "layers":
+            kind, default, help_text = str, "", "comma-separated layer names; empty = the backbone's pyramid"
+        elif field.name in OVERRIDES:
+            kind, default, help_text = (
+                str,
+                CALIBRATED,
+                f"a positive number, or '{CALIBRATED}' (fitted on normal images)",
+            )
         else:
-            kind = type(default)
-        help_text = {
-            "layers": "comma-separated layer names; empty = the backbone's pyramid",
-            "layer_scales": "comma-separated, one per layer; empty = calibrated by fit",
-        }.get(field.name)
+            kind, help_text = type(default), None
         command = click.option(
             f"--{field.name.replace('_', '-')}",
             field.name,
@@ -48,9 +48,12 @@ def _config_options(command):
 
 def _config(options: dict) -> SpadeConfig:
     values = {f.name: options.pop(f.name) for f in _FIELDS}
-    for field in _FIELDS:
-        if field.default is None and values[field.name] is not None and values[field.name] <= 0:
-            values[field.name] = None  # MLproject cannot pass None: 0 means "calibrate"
+    for name in OVERRIDES:
+        if values[name] != CALIBRATED:
+            try:
+                values[name] = float(values[name])
+            except ValueError:
+                raise ValueError(f"{name}={values[name]!r} must be a positive number or '{CALIBRATED}'.") from None
     return SpadeConfig(**values)
 
 

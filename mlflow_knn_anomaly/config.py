@@ -1,23 +1,28 @@
-"""SpadeConfig: the one frozen, validated source of truth for every setting.
+"""SpadeConfig: the settings a user chooses, frozen and validated.
 
 MLproject parameters, CLI options and these fields map one to one, and the config is saved as
-JSON inside every model.
+JSON inside every model. What `fit` learns from the data (thresholds, score statistics, the
+stage-1 gate) is not a setting: it lives in `calibration.Calibration`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from .backbones import BACKBONES
+from .backbone_specs import BACKBONES
 
 SEGMENT_MODES = ("auto", "all", "none")
 LAYER_COMBINES = ("mean", "geometric")
 SCORE_MODES = ("knn", "two_stage")
 IMAGE_INDEXES = ("flat", "hnsw", "ivf")
 BANK_DTYPES = ("float16", "float32")
+STAGE1_FEATURES = ("last", "pyramid")
+# A threshold given by the user instead of the calibrated one; MLproject spells "none given" so.
+CALIBRATED = "calibrated"
 
 
 @dataclass(frozen=True)
@@ -25,7 +30,7 @@ class SpadeConfig:
     """Every setting of a SPADE detector.
 
     Attributes:
-        backbone: name of a registered backbone (see `backbones.BACKBONES`).
+        backbone: name of a registered backbone (see `backbone_specs.BACKBONES`).
         weights: "default" (the backbone's ImageNet weights), "random" (tests and timing only)
             or a path to a `.safetensors` / `.pth` state dict.
         layers: pyramid layer names for stage 2; empty means the backbone's default pyramid.
@@ -34,38 +39,36 @@ class SpadeConfig:
         crop: centre crop after the resize, in pixels; 0 keeps the whole resized image.
         keep_aspect: keep each image's aspect ratio instead of squashing it into a square.
         k_images: K, the number of nearest normal images (stage-1 score and stage-2 gallery).
+        stage1_feature: the global descriptor of stage 1: "last" (the paper's average-pooled
+            last layer) or "pyramid" (that feature joined with the average-pooled stage-2 layers,
+            each block scaled to unit mean norm).
         scale_gallery: a coarser layer's gallery takes the pixels of (stride / finest stride)^2
             times as many nearest images (capped at the bank), so every layer's gallery holds
-            about as many features; a coarse layer has few features per image, so this stays cheap.
+            about as many features; a coarse layer has few features per image, so this is cheap.
         kappa: the number of nearest gallery features averaged per pixel.
-        sigma: Gaussian smoothing of the anomaly map, in pixels of the network input (the paper: 4;
-            2 gave the higher AUPRO on both shared datasets with the geometric combine).
-        normalize_layers: divide each layer's distance map by `layer_scales` before combining
-            the layers, so that with `layer_combine="mean"` each contributes on one scale (else
-            the layer with the largest distances dominates).
+        sigma: Gaussian smoothing of the anomaly map, in pixels of the network input; larger
+            values suit large defects, smaller ones thin defects.
+        normalize_layers: divide each layer's distance map by its calibrated mean before
+            combining, so that with `layer_combine="mean"` each layer contributes on one scale.
         layer_combine: how the upsampled layer maps become one: "mean" (the paper's) or
-            "geometric" (their geometric mean: a pixel scores high only where every layer agrees,
-            so a coarse layer's halo around a small defect is damped; it is also blind to each
-            layer's distance scale, so no layer dominates and `normalize_layers` has no effect).
+            "geometric" (a pixel scores high only where every layer agrees, which damps a coarse
+            layer's halo around a small defect; blind to each layer's scale).
         feature_pool: side of the neighbourhood averaged around each feature before the pixel
             kNN (PatchCore's locally aware features); 1 disables it.
         reduce_channels: project each layer with more channels than this onto this many with a
             fixed random projection (smaller bank, approximate distances); 0 keeps all channels.
-        score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 filters,
-            the map's maximum scores the candidates).
+        score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 is a
+            recall-calibrated gate, the anomaly map's maximum scores the images past it).
         score_margin: pixels at the border of the network input that the map-based image score
-            (two_stage) ignores; the mask and the pixel scores still cover them.
+            ignores (zero padding inflates every image's border features); masks still cover them.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
-        bank_dtype: storage dtype of the pixel feature maps.
-        holdout_fraction: share of the normal images held out of the bank to calibrate thresholds.
+        bank_dtype: storage dtype of the pixel features.
+        holdout_fraction: share of the normal images held out of the bank to calibrate.
         threshold_sigmas: each threshold is mean + threshold_sigmas * std of the held-out normal
-            images' scores (a 3-sigma control limit by default).
-        candidate_sigmas: two_stage gate: mean + candidate_sigmas * std of held-out stage-1 scores.
-        image_threshold: image-score threshold; None until calibrated (or set by the user).
-        pixel_threshold: anomaly-map threshold of the mask; None until calibrated.
-        candidate_threshold: stage-1 threshold that sends an image to stage 2 in two_stage mode.
-        knn_mean, knn_std, map_mean, map_std: held-out normal statistics of the stage-1 score and
-            of the map score, calibrated by fit; two_stage puts both on one scale with them.
+            images' scores (a control limit).
+        gate_recall: two_stage: the share of synthetic anomalies (made from held-out normal
+            images at fit time) that the stage-1 gate must pass to stage 2. 1.0 sends every image.
+        image_threshold, pixel_threshold: the user's thresholds; None uses the calibrated ones.
         batch_size: images per backbone forward pass.
     """
 
@@ -76,6 +79,7 @@ class SpadeConfig:
     crop: int = 0
     keep_aspect: bool = True
     k_images: int = 5
+    stage1_feature: str = "last"
     scale_gallery: bool = True
     kappa: int = 1
     sigma: float = 2.0
@@ -89,80 +93,30 @@ class SpadeConfig:
     bank_dtype: str = "float16"
     holdout_fraction: float = 0.1
     threshold_sigmas: float = 3.0
-    candidate_sigmas: float = 0.0
+    gate_recall: float = 0.98
     image_threshold: float | None = None
     pixel_threshold: float | None = None
-    candidate_threshold: float | None = None
-    knn_mean: float | None = None
-    knn_std: float | None = None
-    map_mean: float | None = None
-    map_std: float | None = None
-    layer_scales: tuple[float, ...] = ()
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            object.__setattr__(self, "layers", tuple(x for x in self.layers.split(",") if x))
-        else:
-            object.__setattr__(self, "layers", tuple(self.layers))
-        scales = self.layer_scales
-        if isinstance(scales, str):
-            try:
-                scales = tuple(float(x) for x in scales.split(",") if x.strip())
-            except ValueError as exc:
-                raise ValueError(f"layer_scales={self.layer_scales!r} must be comma-separated numbers.") from exc
-        object.__setattr__(self, "layer_scales", tuple(float(x) for x in scales))
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone={self.backbone!r} is unknown; choose one of {sorted(BACKBONES)}.")
+        layers = self.layers.split(",") if isinstance(self.layers, str) else self.layers
+        object.__setattr__(self, "layers", tuple(x for x in layers if x))
+        for name, rule in CONSTRAINTS.items():
+            rule(name, getattr(self, name))
+        for name in OVERRIDES:
+            object.__setattr__(self, name, check_threshold(name, getattr(self, name)))
         valid_layers = [layer.name for layer in BACKBONES[self.backbone].layers]
         bad = [name for name in self.layers if name not in valid_layers]
         if bad:
             raise ValueError(f"layers {bad} are not pyramid layers of {self.backbone}; valid names: {valid_layers}.")
-        _check_choice("score_mode", self.score_mode, SCORE_MODES)
-        _check_choice("layer_combine", self.layer_combine, LAYER_COMBINES)
-        _check_choice("image_index", self.image_index, IMAGE_INDEXES)
-        _check_choice("bank_dtype", self.bank_dtype, BANK_DTYPES)
-        for name in ("resize", "k_images", "kappa", "feature_pool", "batch_size"):
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("crop", self.crop, minimum=0)
-        _check_int("score_margin", self.score_margin, minimum=0)
-        _check_int("reduce_channels", self.reduce_channels, minimum=0)
         if 2 * self.score_margin >= self.input_size:
             raise ValueError(f"score_margin={self.score_margin} leaves nothing of a {self.input_size}-px input.")
-        for name in ("keep_aspect", "normalize_layers", "scale_gallery"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false.")
-        if self.layer_scales and (len(self.layer_scales) != len(self.pyramid) or min(self.layer_scales) <= 0):
-            raise ValueError(
-                f"layer_scales={list(self.layer_scales)} must hold one positive number per layer "
-                f"of {list(self.pyramid)}, or be empty (calibrated by fit)."
-            )
         if self.keep_aspect and self.crop:
             raise ValueError(f"crop={self.crop} needs a square input: set keep_aspect=false, or crop=0.")
         if self.crop > self.resize:
             raise ValueError(f"crop={self.crop} exceeds resize={self.resize}; use crop <= resize or 0.")
         if self.feature_pool % 2 == 0:
             raise ValueError(f"feature_pool={self.feature_pool} must be odd (1, 3, 5, ...).")
-        if not isinstance(self.sigma, (int, float)) or self.sigma < 0:
-            raise ValueError(f"sigma={self.sigma!r} must be a number >= 0 (0 disables smoothing).")
-        if not 0.0 < self.holdout_fraction < 0.9:
-            raise ValueError(f"holdout_fraction={self.holdout_fraction} must lie in (0, 0.9).")
-        for name in ("threshold_sigmas", "candidate_sigmas"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -3.0 <= value <= 10.0:
-                raise ValueError(f"{name}={value!r} must be a number in [-3, 10].")
-        for name in (
-            "image_threshold",
-            "pixel_threshold",
-            "candidate_threshold",
-            "knn_mean",
-            "knn_std",
-            "map_mean",
-            "map_std",
-        ):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name}={value!r} must be a positive number or None (calibrate).")
 
     @property
     def pyramid(self) -> tuple[str, ...]:
@@ -189,10 +143,7 @@ class SpadeConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict of every field."""
-        data = dataclasses.asdict(self)
-        data["layers"] = list(self.layers)
-        data["layer_scales"] = list(self.layer_scales)
-        return data
+        return {**dataclasses.asdict(self), "layers": list(self.layers)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SpadeConfig:
@@ -211,11 +162,79 @@ class SpadeConfig:
         return cls.from_dict(json.loads(text))
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+def check_threshold(name: str, value: object) -> float | None:
+    """A user's threshold: None (use the calibrated one) or a positive number.
+
+    Raises:
+        ValueError: anything else, with what to pass instead.
+    """
+    if value is None or value == CALIBRATED:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a positive number (or omitted for the calibrated one).")
+    return float(value)
 
 
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+def _choice(choices: tuple[str, ...]):
+    def check(name: str, value: object) -> None:
+        if value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {list(choices)}.")
+
+    return check
+
+
+def _integer(minimum: int):
+    def check(name: str, value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name}={value!r} must be an integer >= {minimum}.")
+
+    return check
+
+
+def _number(low: float, high: float, low_open: bool = False):
+    def check(name: str, value: object) -> None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (low < value if low_open else low <= value) or not value <= high:
+            interval = f"{'(' if low_open else '['}{low}, {high}]"
+            raise ValueError(f"{name}={value!r} must be a number in {interval}.")
+
+    return check
+
+
+def _boolean(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false.")
+
+
+def _string(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{name}={value!r} must be a non-empty string.")
+
+
+# Each setting's constraint, as data (scikit-learn's `_parameter_constraints`); cross-field rules
+# stay in `SpadeConfig.__post_init__`.
+CONSTRAINTS = {
+    "backbone": _choice(tuple(BACKBONES)),
+    "weights": _string,
+    "resize": _integer(1),
+    "crop": _integer(0),
+    "keep_aspect": _boolean,
+    "k_images": _integer(1),
+    "stage1_feature": _choice(STAGE1_FEATURES),
+    "scale_gallery": _boolean,
+    "kappa": _integer(1),
+    "sigma": _number(0.0, math.inf),
+    "normalize_layers": _boolean,
+    "layer_combine": _choice(LAYER_COMBINES),
+    "feature_pool": _integer(1),
+    "reduce_channels": _integer(0),
+    "score_mode": _choice(SCORE_MODES),
+    "score_margin": _integer(0),
+    "image_index": _choice(IMAGE_INDEXES),
+    "bank_dtype": _choice(BANK_DTYPES),
+    "holdout_fraction": _number(0.0, 0.9, low_open=True),
+    "threshold_sigmas": _number(-3.0, 10.0),
+    "gate_recall": _number(0.0, 1.0, low_open=True),
+    "batch_size": _integer(1),
+}
+OVERRIDES = ("image_threshold", "pixel_threshold")

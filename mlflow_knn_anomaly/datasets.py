@@ -59,20 +59,32 @@ def read_train(root: str | Path) -> list[Path]:
     return images
 
 
+def has_masks(root: str | Path) -> bool:
+    """Whether a test set has pixel masks (<root>/ground_truth); without, it has image labels only."""
+    return (Path(root) / "ground_truth").is_dir()
+
+
 def read_test(root: str | Path) -> list[TestSample]:
-    """Every test image with its defect type and ground-truth mask, sorted by type then name."""
+    """Every test image with its defect type and ground-truth mask, sorted by type then name.
+
+    Without a <root>/ground_truth folder the set has image-level labels only: every mask path is None.
+    """
     root = Path(root)
     test = root / "test"
     if not test.is_dir():
         raise FileNotFoundError(f"{test} does not exist; expected <root>/test/<type>/*.png.")
+    masks = has_masks(root)
     samples = []
     for type_dir in sorted(p for p in test.iterdir() if p.is_dir()):
         for path in list_images(type_dir):
             mask = None
-            if type_dir.name != NORMAL:
+            if masks and type_dir.name != NORMAL:
                 mask = root / "ground_truth" / type_dir.name / f"{path.stem}_mask.png"
                 if not mask.is_file():
-                    raise FileNotFoundError(f"{path} has no ground-truth mask at {mask}.")
+                    raise FileNotFoundError(
+                        f"{path} has no ground-truth mask at {mask}; add it, or remove {root / 'ground_truth'} "
+                        "to evaluate with image-level labels only."
+                    )
             samples.append(TestSample(path, type_dir.name, mask))
     if not samples:
         raise ValueError(f"{test} holds no test images.")
@@ -84,24 +96,32 @@ DEFECT_TYPES = ("scratch", "spot", "contamination")
 
 
 def make_synthetic(
-    root: str | Path, seed: int = 0, n_train: int = 60, n_test_good: int = 20, n_per_defect: int = 10, size: int = 256
+    root: str | Path,
+    seed: int = 0,
+    n_train: int = 60,
+    n_test_good: int = 20,
+    n_per_defect: int = 10,
+    size: int = 256,
+    masks: bool = True,
 ) -> Path:
     """Write a synthetic inspection dataset in the MVTec layout; the same seed gives the same files.
 
     Each image is a machined disc with a ring texture on a brushed background, with small random
     shifts, lighting changes and sensor noise. Anomalous images carry one pasted defect: a dark
-    scratch, a bright or dark spot, or a coloured contamination blob; their masks mark it.
+    scratch, a bright or dark spot, or a coloured contamination blob; their masks mark it (without
+    `masks`, the set has image-level labels only, like many a user's).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
     jobs = [("train", NORMAL, i) for i in range(n_train)] + [("test", NORMAL, i) for i in range(n_test_good)]
     jobs += [("test", kind, i) for kind in DEFECT_TYPES for i in range(n_per_defect)]
     for split, kind, i in jobs:
-        image = _normal_part(rng, size)
+        image = normal_part(rng, size)
         folder = root / split / kind
         folder.mkdir(parents=True, exist_ok=True)
         if kind != NORMAL:
             image, mask = _paste_defect(rng, image, kind)
+        if kind != NORMAL and masks:
             gt = root / "ground_truth" / kind
             gt.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255).save(gt / f"{i:03d}_mask.png")
@@ -109,7 +129,8 @@ def make_synthetic(
     return root
 
 
-def _normal_part(rng: np.random.Generator, size: int) -> np.ndarray:
+def normal_part(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A (size, size, 3) uint8 image of a normal synthetic part."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     cx, cy = size / 2 + rng.uniform(-4, 4, 2)
     r = np.hypot(xx - cx, yy - cy)

@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from . import registry
 from .config import SpadeConfig
 from .datasets import make_synthetic, read_test, read_train
+from .evaluation import PIXEL_METRICS
 from .evaluation import evaluate as evaluate_detector
 from .images import load_image
 from .plots import overlay_grid, pro_curve_figure, roc_figure
@@ -77,7 +78,6 @@ def build_bank(
         else:
             detector = SpadeDetector(config).fit(images, progress=True)
         seconds = time.perf_counter() - start
-        fitted = detector.config
         mlflow.log_metrics(
             {
                 "bank_images": detector.bank.n_images,
@@ -85,9 +85,7 @@ def build_bank(
                 "bank_bytes_per_image": detector.bank.nbytes / detector.bank.n_images,
                 "build_seconds": seconds,
                 "build_images_per_s": len(images) / seconds,
-                "image_threshold": fitted.image_threshold,
-                "pixel_threshold": fitted.pixel_threshold,
-                "candidate_threshold": fitted.candidate_threshold,
+                **detector.calibration.metrics(),
             }
         )
         info = log_model(detector, name="model", registered_model_name=model_name)
@@ -109,15 +107,20 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
     """Evaluate a model on <data>/test; log metrics and plots; tag the registered version."""
     with tempfile.TemporaryDirectory() as tmp, _run("evaluate"):
         root = resolve_data(data, Path(tmp))
-        result = evaluate_detector(load_model(model_uri), root)
+        detector = load_model(model_uri)
+        result = evaluate_detector(detector, root, progress=True)
         digest = data_digest(root)
         _log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
         mlflow.log_metrics(result.metrics)
         for kind, figures in result.per_type.items():
             mlflow.log_metrics({f"{kind}.{key}": value for key, value in figures.items()})
         mlflow.log_figure(roc_figure(result), "plots/image_roc.png")
-        mlflow.log_figure(pro_curve_figure(result), "plots/pro_curve.png")
-        mlflow.log_figure(overlay_grid(result), "plots/overlays.png")
+        if result.has_masks:
+            mlflow.log_figure(pro_curve_figure(result), "plots/pro_curve.png")
+        else:
+            mlflow.set_tag("pixel_metrics", "absent: image-level labels only (the data has no ground_truth/ folder)")
+        pixel_t = result.metrics.get("pixel_f1_threshold", detector.thresholds()[1])
+        mlflow.log_figure(overlay_grid(result, pixel_t), "plots/overlays.png")
         _tag_version(model_uri, result.metrics, digest)
         return result.metrics
 
@@ -131,7 +134,7 @@ def _tag_version(model_uri: str, figures: dict[str, float], digest: str) -> None
     name, _, ref = model_uri[len("models:/") :].replace("@", "/").partition("/")
     client = MlflowClient()
     version = registry.resolve_version(client, name, ref).version
-    for key in HEADLINE:
+    for key in (k for k in HEADLINE if k in figures):
         client.set_model_version_tag(name, version, registry.EVAL_PREFIX + key, f"{figures[key]:.6f}")
     client.set_model_version_tag(name, version, registry.DIGEST_TAG, digest)
     client.set_model_version_tag(name, version, "eval.run_id", mlflow.active_run().info.run_id)
@@ -143,7 +146,9 @@ def lifecycle(
     """build bank -> evaluate -> register -> promote, as nested runs of one parent run."""
     with _run("main"):
         _, version = build_bank(data, config, model_name, skip_bad=skip_bad)
-        evaluate(f"models:/{model_name}/{version}", data)
+        figures = evaluate(f"models:/{model_name}/{version}", data)
+        if metric not in figures and metric in PIXEL_METRICS:
+            metric = "image_auroc"  # image-level labels only: no pixel metric to decide on
         decision = registry.promote(model_name, version, metric=metric, min_delta=min_delta)
         mlflow.set_tags({"promotion.decision": "promoted" if decision.promoted else "kept", "version": version})
         return decision

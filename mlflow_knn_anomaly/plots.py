@@ -34,20 +34,22 @@ def pro_curve_figure(result: Evaluation) -> plt.Figure:
     return fig
 
 
-def overlay_grid(result: Evaluation, per_type: int = 2, pixel_threshold: float | None = None) -> plt.Figure:
-    """Rows of image | ground truth | heat map | mask, for a few images of every type."""
-    threshold = pixel_threshold if pixel_threshold is not None else result.metrics["pixel_f1_threshold"]
+def overlay_grid(result: Evaluation, pixel_threshold: float, per_type: int = 2) -> plt.Figure:
+    """Rows of image | ground truth | heat map | mask, for a few images of every type (the ground
+    truth panel is blank for image-level labels)."""
     picks: dict[str, list[int]] = {}
     for i, sample in enumerate(result.samples):
         if len(picks.setdefault(sample.defect_type, [])) < per_type:
             picks[sample.defect_type].append(i)
     rows = [i for indices in picks.values() for i in indices]
     fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2 * len(rows)), squeeze=False)
-    vmax = max(float(result.maps[i].max()) for i in rows)
+    vmax = max(float(result.anomaly_maps[i].max()) for i in rows)
     for r, i in enumerate(rows):
         with Image.open(result.samples[i].path) as image:
             picture = np.asarray(image.convert("RGB"))
-        panels = (picture, result.gt_masks[i], result.maps[i], result.maps[i] >= threshold)
+        score_map = result.anomaly_maps[i]
+        truth = result.gt_masks[i] if result.has_masks else np.zeros(score_map.shape, dtype=bool)
+        panels = (picture, truth, score_map, score_map >= pixel_threshold)
         for c, (panel, title) in enumerate(zip(panels, ("image", "ground truth", "heat map", "mask"))):
             ax = axes[r, c]
             if c == 2:

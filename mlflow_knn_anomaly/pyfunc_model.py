@@ -131,7 +131,9 @@ class SpadePyfuncModel:
                     mask=encode_mask(prediction.masks[j]) if prediction.segmented[j] else "",
                 )
                 if options["return_anomaly_map"]:
-                    rows[i]["anomaly_map"] = encode_anomaly_map(prediction.maps[j]) if prediction.segmented[j] else ""
+                    rows[i]["anomaly_map"] = (
+                        encode_anomaly_map(prediction.anomaly_maps[j]) if prediction.segmented[j] else ""
+                    )
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype(
@@ -183,10 +185,10 @@ def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
 # ---- save / log / load ----------------------------------------------------------------------------
 def example_image_bytes(size: int = 64) -> bytes:
     """A small real PNG (a synthetic part) used as the model's input example."""
-    from .datasets import _normal_part
+    from .datasets import normal_part
 
     buffer = io.BytesIO()
-    Image.fromarray(_normal_part(np.random.default_rng(0), size)).save(buffer, format="PNG")
+    Image.fromarray(normal_part(np.random.default_rng(0), size)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 

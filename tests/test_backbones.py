@@ -40,9 +40,9 @@ def test_pyramid_matches_declared_channels_and_strides(name):
     layers = tuple(layer.name for layer in spec.layers)
     pyramid = build_backbone(name, "random", layers).extract(torch.rand(2, 3, 128, 128))
     assert pyramid.pooled.shape == (2, spec.pooled_dim)
-    assert list(pyramid.maps) == list(layers)
+    assert list(pyramid.features) == list(layers)
     for layer in spec.layers:
-        assert pyramid.maps[layer.name].shape == (2, layer.channels, 128 // layer.stride, 128 // layer.stride)
+        assert pyramid.features[layer.name].shape == (2, layer.channels, 128 // layer.stride, 128 // layer.stride)
 
 
 def test_random_weights_are_deterministic():

@@ -20,10 +20,10 @@ def test_round_trip_is_exact_and_memory_mapped(tmp_path):
     bank, _ = _bank()
     bank.save(tmp_path / "bank")
     loaded = FeatureBank.load(tmp_path / "bank")
-    assert isinstance(loaded.maps["blocks.1"], np.memmap)
+    assert isinstance(loaded.features["blocks.1"], np.memmap)
     np.testing.assert_array_equal(loaded.pooled, bank.pooled)
-    for layer in bank.maps:
-        np.testing.assert_array_equal(loaded.maps[layer], bank.maps[layer])
+    for layer in bank.features:
+        np.testing.assert_array_equal(loaded.features[layer], bank.features[layer])
         np.testing.assert_array_equal(loaded.offsets[layer], bank.offsets[layer])
     assert loaded.nbytes == bank.nbytes and loaded.n_images == 4
 

@@ -27,8 +27,8 @@ def test_mlproject_defaults_equal_the_config_defaults():
     for name in FIELDS:
         expected = getattr(defaults, name)
         if expected is None:
-            assert params[name]["default"] == 0  # 0 = calibrate
-        elif name in ("layers", "layer_scales"):
+            assert params[name]["default"] == "calibrated"
+        elif name == "layers":
             assert params[name]["default"] == ""
         else:
             assert params[name]["default"] == expected, name
@@ -38,3 +38,14 @@ def test_invalid_option_is_a_clear_error_before_any_work():
     result = CliRunner().invoke(cli.cli, ["build-bank", "--k-images", "0"])
     assert result.exit_code != 0
     assert "k_images=0 must be an integer >= 1" in str(result.exception)
+
+
+def test_a_threshold_option_is_a_number_or_calibrated():
+    assert cli._config({**_options(), "image_threshold": "2.5"}).image_threshold == 2.5
+    assert cli._config(_options()).image_threshold is None
+    result = CliRunner().invoke(cli.cli, ["build-bank", "--image-threshold", "high"])
+    assert "image_threshold='high' must be a positive number or 'calibrated'" in str(result.exception)
+
+
+def _options() -> dict:
+    return {p.name: p.default for p in cli.build_bank_command.params if p.name in FIELDS}

@@ -74,7 +74,7 @@ def test_segment_none_returns_no_mask_and_maps_only_when_asked(pyfunc, fitted, s
     assert none["mask"][0] == "" and not none["segmented"][0] and "anomaly_map" not in none
     with_map = pyfunc.predict(frame, params={"segment": "all", "return_anomaly_map": True})
     decoded = decode_anomaly_map(with_map["anomaly_map"][0])
-    expected = fitted.predict([path], segment="all").maps[0]
+    expected = fitted.predict([path], segment="all").anomaly_maps[0]
     assert decoded.shape == expected.shape
     np.testing.assert_allclose(decoded, expected, rtol=1e-3, atol=1e-3 * float(expected.max()))
 

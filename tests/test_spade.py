@@ -6,9 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, metrics
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, metrics
 from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.evaluation import evaluate
+from mlflow_knn_anomaly.images import prepare
 from mlflow_knn_anomaly.spade import split_holdout
 
 
@@ -17,7 +18,7 @@ def test_synthetic_defects_land_on_the_map_maximum_and_normals_pass(fitted, synt
     prediction = fitted.predict([s.path for s in samples], segment="all")
     hits = [
         s.mask(m.shape[1], m.shape[0])[np.unravel_index(np.argmax(m), m.shape)]
-        for s, m in zip(samples, prediction.maps)
+        for s, m in zip(samples, prediction.anomaly_maps)
         if s.is_anomalous
     ]
     normal_pass = [not flagged for s, flagged in zip(samples, prediction.is_anomalous) if not s.is_anomalous]
@@ -28,18 +29,18 @@ def test_synthetic_defects_land_on_the_map_maximum_and_normals_pass(fitted, synt
 def test_maps_and_masks_come_back_at_the_input_size(fitted):
     image = np.random.default_rng(0).integers(0, 255, (90, 170, 3), dtype=np.uint8)
     prediction = fitted.predict([image], segment="all")
-    assert prediction.maps[0].shape == (90, 170) and prediction.masks[0].shape == (90, 170)
+    assert prediction.anomaly_maps[0].shape == (90, 170) and prediction.masks[0].shape == (90, 170)
     assert prediction.masks[0].dtype == bool
 
 
 def test_gating_segments_only_images_past_the_stage1_gate(fitted, synthetic_root):
     paths = [s.path for s in read_test(synthetic_root)]
     auto = fitted.predict(paths)
-    gate = fitted.config.candidate_threshold  # the default score_mode is two_stage
+    gate = fitted.calibration.gate_threshold  # the default score_mode is two_stage
     np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= gate)
-    assert all((m is None) == (not s) for m, s in zip(auto.maps, auto.segmented))
+    assert all((m is None) == (not s) for m, s in zip(auto.anomaly_maps, auto.segmented))
     assert not fitted.predict(paths[:2], segment="none").segmented.any()
-    np.testing.assert_allclose(auto.normalized_scores, auto.scores / fitted.config.image_threshold)
+    np.testing.assert_allclose(auto.normalized_scores, auto.scores / fitted.calibration.image_threshold)
 
 
 def test_threshold_overrides_change_the_verdict(fitted, synthetic_root):
@@ -57,7 +58,7 @@ def test_save_load_round_trip_gives_identical_scores_and_masks(fitted, saved_det
     before = fitted.predict(paths, segment="all")
     loaded = SpadeDetector.load(saved_detector)
     after = loaded.predict(paths, segment="all")
-    assert loaded.config == fitted.config
+    assert loaded.config == fitted.config and loaded.calibration == fitted.calibration
     np.testing.assert_array_equal(before.scores, after.scores)
     for a, b in zip(before.masks, after.masks):
         np.testing.assert_array_equal(a, b)
@@ -84,17 +85,18 @@ def test_too_few_normal_images_is_an_error_before_any_work():
 
 
 def test_two_stage_scores_candidates_by_their_map_and_the_rest_by_stage1(fitted, synthetic_root):
-    cfg = fitted.config
+    cal = fitted.calibration
     paths = [s.path for s in read_test(synthetic_root)]
     auto = fitted.predict(paths)
     every = fitted.predict(paths, segment="all")
-    candidates = auto.knn_scores >= cfg.candidate_threshold
+    candidates = auto.knn_scores >= cal.gate_threshold
     np.testing.assert_array_equal(auto.segmented, candidates)
     np.testing.assert_allclose(auto.scores, every.scores)  # the score does not depend on segment
-    maxima = np.array([m.max() for m in every.maps])
+    maxima = np.array([m.max() for m in every.anomaly_maps])
     assert np.all(auto.scores[candidates] <= maxima[candidates] + 1e-6)  # the margin only removes pixels
-    z_knn = (auto.knn_scores[~candidates] - cfg.knn_mean) / cfg.knn_std
-    np.testing.assert_allclose(auto.scores[~candidates], cfg.map_mean + cfg.map_std * z_knn)
+    np.testing.assert_array_equal(every.map_scores[candidates], auto.scores[candidates])
+    z_knn = (auto.knn_scores[~candidates] - cal.knn_mean) / cal.knn_std
+    np.testing.assert_allclose(auto.scores[~candidates], cal.map_mean + cal.map_std * z_knn)
     assert np.all(auto.normalized_scores[~candidates] < 1.0)
 
 
@@ -102,7 +104,7 @@ def test_knn_mode_reports_the_papers_stage1_score(synthetic_root):
     detector = SpadeDetector(SpadeConfig(score_mode="knn")).fit(read_train(synthetic_root))
     auto = detector.predict([s.path for s in read_test(synthetic_root)])
     np.testing.assert_array_equal(auto.scores, auto.knn_scores)
-    np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= detector.config.image_threshold)
+    np.testing.assert_array_equal(auto.segmented, auto.knn_scores >= detector.calibration.image_threshold)
 
 
 def test_bottle_meets_the_accuracy_floors(bottle):
@@ -157,38 +159,37 @@ def test_a_bank_of_mixed_aspect_ratios_fits_predicts_and_reloads_exactly(synthet
     # stride-4 rows: 256 x 256 -> 64 x 64; 256 x 160 -> 320 x 192 input -> 80 x 48 (and transposed)
     assert set(np.diff(offsets).tolist()) == {64 * 64, 80 * 48}
     before = detector.predict(images[15:], segment="all")
-    assert [m.shape for m in before.maps] == [i.shape[:2] for i in images[15:]]
+    assert [m.shape for m in before.anomaly_maps] == [i.shape[:2] for i in images[15:]]
     after = SpadeDetector.load(detector.save(tmp_path / "mixed")).predict(images[15:], segment="all")
     np.testing.assert_array_equal(before.scores, after.scores)
-    for a, b in zip(before.maps, after.maps):
+    for a, b in zip(before.anomaly_maps, after.anomaly_maps):
         np.testing.assert_array_equal(a, b)
 
 
 def test_normalized_layers_put_every_layer_on_the_held_out_scale(fitted, synthetic_root):
-    assert len(fitted.config.layer_scales) == len(fitted.config.pyramid)  # calibrated even when unused
+    assert len(fitted.calibration.layer_scales) == len(fitted.config.pyramid)  # calibrated even when unused
     arithmetic = SpadeDetector(fitted.config.replace(layer_combine="mean"), backbone=fitted.backbone)
     normalized = SpadeDetector(arithmetic.config.replace(normalize_layers=True), backbone=fitted.backbone)
-    arithmetic.bank, arithmetic.index = normalized.bank, normalized.index = fitted.bank, fitted.index
+    for detector in (arithmetic, normalized):
+        detector.bank, detector.index, detector.calibration = fitted.bank, fitted.index, fitted.calibration
     path = read_test(synthetic_root)[0].path  # a normal image
-    raw_map = arithmetic.predict([path], segment="all").maps[0]
-    scaled_map = normalized.predict([path], segment="all").maps[0]
+    raw_map = arithmetic.predict([path], segment="all").anomaly_maps[0]
+    scaled_map = normalized.predict([path], segment="all").anomaly_maps[0]
     # Held-out normal pixels average 1 per layer; a normal test image lands near that scale.
     assert raw_map.mean() > 3 * scaled_map.mean() and 0.5 < scaled_map.mean() < 2.5
-    mine = SpadeConfig(normalize_layers=True, layer_scales="1,2,3,4")
-    assert SpadeDetector(mine).fit(read_train(synthetic_root)[:12]).config.layer_scales == (1.0, 2.0, 3.0, 4.0)
-    with pytest.raises(ValueError, match="one positive number per layer"):
-        SpadeConfig(layer_scales=(1.0, 2.0))
 
 
 def test_coarse_layers_search_the_pixels_of_more_nearest_images(fitted, synthetic_root):
     assert fitted.config.gallery_images() == {"blocks.1": 5, "blocks.2": 20, "blocks.4": 80, "blocks.6": 320}
     assert set(fitted.config.replace(scale_gallery=False).gallery_images().values()) == {5}
     path = read_test(synthetic_root)[0].path
-    pooled, fmaps = fitted.extract(fitted._prepare([path])[0])
-    _, nn_indices = fitted._stage1(pooled)
+    pooled, fmaps = fitted.extract(prepare([path], 256, 0, True)[0])
+    _, nn_indices = fitted.stage1(pooled)
     bank = fitted.bank
     assert nn_indices.shape == (1, bank.n_images)  # 320 wanted, capped at the bank
-    distances = fitted._layer_distances(fmaps[0], nn_indices[0])
+    counts = fitted.config.gallery_images()
+    galleries = {name: bank.gallery(name, nn_indices[0, : counts[name]]) for name in fmaps[0]}
+    distances = anomaly_map.layer_distances(fmaps[0], galleries, kappa=1)
     for name, images in (("blocks.1", nn_indices[0, :5]), ("blocks.2", nn_indices[0, :20])):
         c = fmaps[0][name].shape[0]
         query = fmaps[0][name].float().permute(1, 2, 0).reshape(-1, c)
@@ -196,19 +197,20 @@ def test_coarse_layers_search_the_pixels_of_more_nearest_images(fitted, syntheti
         torch.testing.assert_close(distances[name].flatten(), brute, rtol=1e-3, atol=1e-3)
     c = fmaps[0]["blocks.4"].shape[0]
     query = fmaps[0]["blocks.4"].float().permute(1, 2, 0).reshape(-1, c)
-    whole_bank = torch.from_numpy(np.asarray(bank.maps["blocks.4"])).float()
+    whole_bank = torch.from_numpy(np.asarray(bank.features["blocks.4"])).float()
     brute = torch.cdist(query, whole_bank).min(dim=1).values
     torch.testing.assert_close(distances["blocks.4"].flatten(), brute, rtol=1e-3, atol=1e-3)
 
 
-def test_geometric_layer_combine_is_blind_to_layer_scales(fitted):
+def test_geometric_layer_combine_is_blind_to_layer_scales():
     distances = {"blocks.1": torch.full((1, 1, 4, 4), 2.0), "blocks.2": torch.full((1, 1, 2, 2), 8.0)}
     distances["blocks.1"][0, 0, 0, 0] = 32.0
-    geometric = SpadeDetector(fitted.config.replace(layer_combine="geometric", sigma=0.0), backbone=fitted.backbone)
-    plain = geometric._combine(distances, (4, 4), (1.0, 1.0))
+    plain = anomaly_map.combine_layers(distances, (4, 4), "geometric", sigma=0.0)
     assert plain[3, 3] == pytest.approx(4.0) and plain[0, 0] == pytest.approx(16.0)  # sqrt(2 * 8), sqrt(32 * 8)
-    scaled = SpadeDetector(geometric.config.replace(normalize_layers=True), backbone=fitted.backbone)
-    np.testing.assert_allclose(scaled._combine(distances, (4, 4), (2.0, 8.0)), plain / 4, rtol=1e-6)
+    scaled = anomaly_map.combine_layers(distances, (4, 4), "geometric", sigma=0.0, layer_scales=(2.0, 8.0))
+    np.testing.assert_allclose(scaled, plain / 4, rtol=1e-6)
+    mean = anomaly_map.combine_layers(distances, (4, 4), "mean", sigma=0.0)
+    assert mean[3, 3] == pytest.approx(5.0) and mean[0, 0] == pytest.approx(20.0)
     with pytest.raises(ValueError, match="layer_combine='max' is not one of"):
         SpadeConfig(layer_combine="max")
 
@@ -228,3 +230,36 @@ def test_a_model_saved_before_the_new_map_settings_loads_with_the_settings_it_wa
     assert (config.layer_combine, config.scale_gallery) == ("mean", False)
     assert config.pyramid == ("blocks.1", "blocks.2", "blocks.4")  # the bank's, not today's default
     assert (SpadeConfig().layer_combine, SpadeConfig().scale_gallery) == ("geometric", True)
+
+
+def test_refitting_recomputes_every_calibrated_value(synthetic_root):
+    images = read_train(synthetic_root)
+    first, second = images[:20], images[20:45]
+    refitted = SpadeDetector().fit(first).fit(second)
+    fresh = SpadeDetector(backbone=refitted.backbone).fit(second)
+    assert refitted.calibration == fresh.calibration
+    assert refitted.config == SpadeConfig()  # fit never writes into the settings
+
+
+def test_a_model_of_the_previous_format_loads_and_predicts_the_same(fitted, saved_detector, synthetic_root, tmp_path):
+    # Format 2 kept the fitted state among the settings, the gate as `candidate_threshold`.
+    old = shutil.copytree(saved_detector, tmp_path / "format2")
+    record = json.loads((old / "config.json").read_text())
+    calibration = record.pop("calibration")
+    record["config"].update(
+        {
+            **{k: calibration[k] for k in ("image_threshold", "pixel_threshold", "knn_mean", "knn_std")},
+            **{k: calibration[k] for k in ("map_mean", "map_std", "layer_scales")},
+            "candidate_threshold": calibration["gate_threshold"],
+            "candidate_sigmas": 0.0,
+        }
+    )
+    del record["config"]["gate_recall"], record["config"]["stage1_feature"]
+    record["format_version"] = 2
+    (old / "config.json").write_text(json.dumps(record))
+    loaded = SpadeDetector.load(old)
+    assert loaded.config == fitted.config.replace(gate_recall=SpadeConfig().gate_recall)
+    paths = [s.path for s in read_test(synthetic_root)][::3]
+    before, after = fitted.predict(paths), loaded.predict(paths)
+    np.testing.assert_array_equal(before.scores, after.scores)
+    np.testing.assert_array_equal(before.segmented, after.segmented)

@@ -1,0 +1,65 @@
+"""Stage 2's maths as pure functions: per-layer pixel distances, the combined and smoothed anomaly
+map, and the image score read from it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from .knn import pixel_knn
+
+
+def layer_distances(
+    query: dict[str, torch.Tensor], galleries: dict[str, torch.Tensor], kappa: int
+) -> dict[str, torch.Tensor]:
+    """Per layer, the (1, 1, h, w) mean distance of each query pixel to its kappa nearest gallery features.
+
+    Args:
+        query: one image's features {layer: (C, h, w)}.
+        galleries: {layer: (M, C) float32} pixel features of its nearest normal images.
+        kappa: neighbours averaged (the paper: 1).
+    """
+    distances = {}
+    for name, fmap in query.items():
+        c, h, w = fmap.shape
+        pixels = fmap.float().permute(1, 2, 0).reshape(-1, c)
+        distances[name] = pixel_knn(pixels, galleries[name], kappa).view(1, 1, h, w)
+    return distances
+
+
+def combine_layers(
+    distances: dict[str, torch.Tensor],
+    size: tuple[int, int],
+    combine: str,
+    sigma: float,
+    layer_scales: tuple[float, ...] | None = None,
+) -> np.ndarray:
+    """The (H, W) anomaly map on a network input of `size`.
+
+    Each layer's distances are upsampled bilinearly (divided by its `layer_scales` entry when
+    given), combined by their geometric ("geometric") or arithmetic ("mean") mean, and smoothed
+    with a Gaussian of `sigma` pixels (0: none).
+    """
+    scales = layer_scales or (1.0,) * len(distances)
+    layer_maps = [
+        F.interpolate(dist / scale, size=tuple(size), mode="bilinear", align_corners=False)
+        for dist, scale in zip(distances.values(), scales, strict=True)
+    ]
+    stacked = torch.cat(layer_maps)[:, 0]
+    if combine == "geometric":
+        score_map = stacked.clamp_min(1e-12).log().mean(dim=0).exp().numpy()
+    else:
+        score_map = stacked.mean(dim=0).numpy()
+    return gaussian_filter(score_map, sigma) if sigma > 0 else score_map
+
+
+def map_score(input_map: np.ndarray, margin: int) -> float:
+    """Image score from a map of the network input: its maximum, ignoring `margin` pixels at the
+    border, where zero padding inflates the features of every image (normal ones too). The margin
+    shrinks on a narrow input so that a quarter of each side is always scored."""
+    h, w = input_map.shape
+    my, mx = (min(margin, side * 3 // 8) for side in (h, w))
+    return float(input_map[my : h - my, mx : w - mx].max())
