@@ -1,5 +1,6 @@
 """A saved detector on disk: config.json (settings, calibration, sha256 of every artifact, library
-versions), weights.safetensors and bank/*.npy. Written to a temporary directory, then renamed into place.
+versions), weights.safetensors, bank/*.npy and holdout/*.png (the held-out normal images, which
+`update_bank` recalibrates on). Written to a temporary directory, then renamed into place.
 """
 
 from __future__ import annotations
@@ -10,9 +11,11 @@ import os
 import shutil
 import tempfile
 import warnings
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from PIL import Image
 from safetensors.torch import save_file
 
 from .backbones import BACKBONES, Backbone
@@ -23,6 +26,7 @@ from .config import SpadeConfig
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 BANK_DIR = "bank"
+HOLDOUT_DIR = "holdout"
 FORMAT_VERSION = 3  # 2: ragged bank rows (aspect-kept inputs); 3: calibration apart from the settings
 READABLE_FORMATS = (2, 3)
 # Settings added since format 2 first shipped, with the value that reproduces a model saved before
@@ -61,8 +65,24 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+@dataclass(frozen=True)
+class SavedDetector:
+    """What a detector directory holds (weights as the path of their file)."""
+
+    config: SpadeConfig
+    calibration: Calibration
+    weights: Path
+    bank: FeatureBank
+    holdout: list[Image.Image] | None  # None in format 2
+
+
 def save_detector(
-    path: Path, config: SpadeConfig, calibration: Calibration, backbone: Backbone, bank: FeatureBank
+    path: Path,
+    config: SpadeConfig,
+    calibration: Calibration,
+    backbone: Backbone,
+    bank: FeatureBank,
+    holdout: list[Image.Image],
 ) -> Path:
     """Write a detector directory atomically; refuse to overwrite an existing path."""
     if path.exists():
@@ -72,7 +92,11 @@ def save_detector(
     try:
         state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE)
-        files = [tmp / WEIGHTS_FILE, *bank.save(tmp / BANK_DIR)]
+        (tmp / HOLDOUT_DIR).mkdir()
+        for i, image in enumerate(holdout):
+            image.save(tmp / HOLDOUT_DIR / f"{i:05d}.png")  # lossless: update_bank recalibrates on them
+        holdout_files = sorted((tmp / HOLDOUT_DIR).iterdir())
+        files = [tmp / WEIGHTS_FILE, *bank.save(tmp / BANK_DIR), *holdout_files]
         record = {
             "format_version": FORMAT_VERSION,
             "config": config.to_dict(),
@@ -89,11 +113,9 @@ def save_detector(
     return path
 
 
-def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Calibration, Path, FeatureBank]:
-    """Read and verify a detector directory (this format or the previous one).
-
-    Returns:
-        The config, the calibration, the weights file path, and the (memory-mapped) bank.
+def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
+    """Read and verify a detector directory (this format or the previous one); the bank is
+    memory-mapped with `mmap`.
 
     Raises:
         FileNotFoundError: not a saved detector. ValueError: an artifact's hash differs.
@@ -128,7 +150,15 @@ def load_detector(path: Path, mmap: bool = True) -> tuple[SpadeConfig, Calibrati
     spec = BACKBONES.get(settings.get("backbone"))
     if not settings.get("layers") and spec is not None and tuple(bank.features) != spec.default_layers:
         settings["layers"] = list(bank.features)  # saved as "the backbone's default" before that changed
-    return SpadeConfig.from_dict(settings), calibration, path / WEIGHTS_FILE, bank
+    holdout = None
+    if (path / HOLDOUT_DIR).is_dir():
+        holdout = [_read_png(f) for f in sorted((path / HOLDOUT_DIR).glob("*.png"))]
+    return SavedDetector(SpadeConfig.from_dict(settings), calibration, path / WEIGHTS_FILE, bank, holdout)
+
+
+def _read_png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def _warn_on_version_mismatch(saved: dict[str, str]) -> None:

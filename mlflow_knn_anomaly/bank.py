@@ -43,6 +43,16 @@ class FeatureBank:
             },
         )
 
+    def concat(self, other: FeatureBank) -> FeatureBank:
+        """This bank followed by `other`'s images (same layers and dtypes), in memory."""
+        if list(other.features) != list(self.features):
+            raise ValueError(f"banks of layers {list(self.features)} and {list(other.features)} cannot be joined.")
+        return FeatureBank(
+            pooled=np.concatenate([self.pooled, other.pooled]),
+            features={k: np.concatenate([v, other.features[k].astype(v.dtype)]) for k, v in self.features.items()},
+            offsets={k: np.concatenate([v, other.offsets[k][1:] + v[-1]]) for k, v in self.offsets.items()},
+        )
+
     @property
     def n_images(self) -> int:
         return int(self.pooled.shape[0])

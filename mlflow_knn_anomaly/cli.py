@@ -11,6 +11,7 @@ import signal
 import sys
 
 import click
+from mlflow.exceptions import MlflowException
 
 from . import jobs, registry
 from .config import CALIBRATED, OVERRIDES, SpadeConfig
@@ -74,6 +75,17 @@ def build_bank_command(data: str, model_name: str, skip_bad: bool, spark_master:
     """Fit on <data>/train/good, log the model and register a new version."""
     run_id, version = jobs.build_bank(data, _config(options), model_name, skip_bad=skip_bad, spark_master=spark_master)
     click.echo(json.dumps({"run_id": run_id, "model_name": model_name, "version": version}))
+
+
+@cli.command("update-bank")
+@click.option("--model-uri", required=True, help="the parent, e.g. models:/spade-anomaly@champion or models:/NAME/3")
+@click.option("--data", required=True, help="MVTec-layout folder whose train/good holds the new normal images")
+@click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
+@click.option("--skip-bad", is_flag=True, help="skip unreadable images (logged) instead of failing")
+def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_bad: bool) -> None:
+    """Add new normal images to a model's bank and register the result as a new version (recalibrated)."""
+    run_id, version = jobs.update_bank(model_uri, data, model_name, skip_bad=skip_bad)
+    click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "version": version}))
 
 
 @cli.command("score")
@@ -142,7 +154,7 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, MlflowException) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

@@ -1,4 +1,4 @@
-"""The MLflow lifecycle: build a bank, evaluate a model, and the whole `main` pipeline.
+"""The MLflow lifecycle: build a bank, update it, evaluate a model, and the whole `main` pipeline.
 
 Each job is one MLflow run (nested when called inside another run, as `main` does).
 """
@@ -9,10 +9,14 @@ import hashlib
 import json
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities.model_registry import ModelVersion
 
 from . import registry
 from .config import SpadeConfig
@@ -33,7 +37,10 @@ def resolve_data(data: str, workdir: Path) -> Path:
         return make_synthetic(workdir / "synthetic", seed=0)
     path = Path(data)
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder {path} does not exist; pass an MVTec-layout folder or '{SYNTHETIC}'.")
+        raise FileNotFoundError(
+            f"data folder {path.resolve()} does not exist; pass an MVTec-layout folder or '{SYNTHETIC}' "
+            "(`mlflow run` runs in the project folder: give it an absolute path)."
+        )
     return path
 
 
@@ -59,17 +66,12 @@ def build_bank(
         (run id, registered version).
     """
     with tempfile.TemporaryDirectory() as tmp, _run("build_bank") as run:
-        images = read_train(resolve_data(data, Path(tmp)))
-        bad = find_bad_images(images)
-        if bad:
-            listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-            if not skip_bad:
-                raise ValueError(f"{len(bad)} unreadable training images:\n{listing}\nFix them or pass --skip-bad.")
-            mlflow.log_text(listing, "skipped_images.txt")
-            images = [p for p in images if p not in {b for b, _ in bad}]
+        root = resolve_data(data, Path(tmp))
+        images = _readable_train_images(root, skip_bad)
         split_holdout(images, config)  # too few images fails here, before any work
         _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
         _log_new_params({"data": data, "n_train_images": len(images)})
+        mlflow.log_input(folder_dataset(root, images, "train"), context="training")
         start = time.perf_counter()
         if spark_master:
             from . import spark
@@ -77,43 +79,107 @@ def build_bank(
             detector = spark.build_bank(spark.session(spark_master), images, config)
         else:
             detector = SpadeDetector(config).fit(images, progress=True)
-        seconds = time.perf_counter() - start
-        mlflow.log_metrics(
-            {
-                "bank_images": detector.bank.n_images,
-                "bank_bytes": detector.bank.nbytes,
-                "bank_bytes_per_image": detector.bank.nbytes / detector.bank.n_images,
-                "build_seconds": seconds,
-                "build_images_per_s": len(images) / seconds,
-                **detector.calibration.metrics(),
-            }
-        )
+        _log_fit(detector, len(images), time.perf_counter() - start)
         info = log_model(detector, name="model", registered_model_name=model_name)
         return run.info.run_id, str(info.registered_model_version)
 
 
-def data_digest(root: Path) -> str:
-    """sha256 over the test set's relative paths and bytes (images and masks): same data, same digest."""
+def update_bank(model_uri: str, data: str, model_name: str | None = None, skip_bad: bool = False) -> tuple[str, str]:
+    """Add <data>/train/good (new normal images) to a model's bank and register the result as a new
+    version: same settings, enlarged bank, recalibrated. The version is tagged with its parent.
+
+    Returns:
+        (run id, registered version).
+    """
+    parent = registry.model_ref(model_uri)
+    name = model_name or (parent.versions[0].name if parent.versions else None)
+    if name is None:
+        raise ValueError(f"{model_uri} is not a registered model version: pass --model-name for the new version.")
+    with tempfile.TemporaryDirectory() as tmp, _run("update_bank") as run:
+        root = resolve_data(data, Path(tmp))
+        images = _readable_train_images(root, skip_bad)
+        detector = load_model(model_uri)
+        _log_new_params({"parent_model_uri": model_uri, "data": data, "n_new_images": len(images)})
+        _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in detector.config.to_dict().items()})
+        mlflow.log_input(folder_dataset(root, images, "train"), context="training")
+        start = time.perf_counter()
+        updated = detector.update(images, progress=True)
+        _log_fit(updated, len(images), time.perf_counter() - start)
+        info = log_model(updated, name="model", registered_model_name=name)
+        version = str(info.registered_model_version)
+        client = MlflowClient()
+        client.set_model_version_tag(name, version, "parent.model_uri", model_uri)
+        if parent.versions:
+            client.set_model_version_tag(name, version, "parent.version", parent.versions[0].version)
+        return run.info.run_id, version
+
+
+def _readable_train_images(root: Path, skip_bad: bool) -> list[Path]:
+    """<root>/train/good; unreadable images fail the job, or with `skip_bad` are logged and left out."""
+    images = read_train(root)
+    bad = find_bad_images(images)
+    if bad:
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+        if not skip_bad:
+            raise ValueError(f"{len(bad)} unreadable training images:\n{listing}\nFix them or pass --skip-bad.")
+        mlflow.log_text(listing, "skipped_images.txt")
+        images = [p for p in images if p not in {b for b, _ in bad}]
+    return images
+
+
+def _log_fit(detector: SpadeDetector, n_images: int, seconds: float) -> None:
+    bank = detector.bank
+    mlflow.log_metrics(
+        {
+            "bank_images": bank.n_images,
+            "bank_bytes": bank.nbytes,
+            "bank_bytes_per_image": bank.nbytes / bank.n_images,
+            "build_seconds": seconds,
+            "build_images_per_s": n_images / seconds,
+            **detector.calibration.metrics(),
+        }
+    )
+
+
+def content_digest(root: Path, paths: list[Path]) -> str:
+    """sha256 over the files' paths relative to `root` and their bytes: same data, same digest."""
     digest = hashlib.sha256()
-    for sample in read_test(root):
-        for path in (sample.path, sample.mask_path):
-            if path is not None:
-                digest.update(path.relative_to(root).as_posix().encode())
-                digest.update(path.read_bytes())
+    for path in paths:
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
+def data_digest(root: Path) -> str:
+    """The content digest of a test set (images and masks)."""
+    return content_digest(root, [p for s in read_test(root) for p in (s.path, s.mask_path) if p is not None])
+
+
+def folder_dataset(root: Path, paths: list[Path], split: str, digest: str | None = None) -> MetaDataset:
+    """An MLflow dataset for a folder's images: its source is the folder, its digest our content
+    digest (its first 32 hex digits: MLflow's digest column is short; the version tag keeps all 64)."""
+    digest = digest or content_digest(root, paths)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": it is a local folder
+        source = resolve_dataset_source(str(root.resolve()))
+    return MetaDataset(source=source, name=f"{root.name}/{split}", digest=digest[:32])
+
+
 def evaluate(model_uri: str, data: str) -> dict[str, float]:
-    """Evaluate a model on <data>/test; log metrics and plots; tag the registered version."""
+    """Evaluate a model on <data>/test; log metrics (linked to the model and the test data) and
+    plots; tag the registered version(s) the URI names."""
     with tempfile.TemporaryDirectory() as tmp, _run("evaluate"):
         root = resolve_data(data, Path(tmp))
         detector = load_model(model_uri)
         result = evaluate_detector(detector, root, progress=True)
         digest = data_digest(root)
+        target = registry.model_ref(model_uri)
         _log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
-        mlflow.log_metrics(result.metrics)
+        dataset = folder_dataset(root, [s.path for s in result.samples], "test", digest)
+        mlflow.log_input(dataset, context="evaluation")
+        mlflow.log_metrics(result.metrics, model_id=target.model_id, dataset=dataset)
         for kind, figures in result.per_type.items():
-            mlflow.log_metrics({f"{kind}.{key}": value for key, value in figures.items()})
+            mlflow.log_metrics({f"{kind}.{key}": value for key, value in figures.items()}, model_id=target.model_id)
         mlflow.log_figure(roc_figure(result), "plots/image_roc.png")
         if result.has_masks:
             mlflow.log_figure(pro_curve_figure(result), "plots/pro_curve.png")
@@ -121,23 +187,20 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
             mlflow.set_tag("pixel_metrics", "absent: image-level labels only (the data has no ground_truth/ folder)")
         pixel_t = result.metrics.get("pixel_f1_threshold", detector.thresholds()[1])
         mlflow.log_figure(overlay_grid(result, pixel_t), "plots/overlays.png")
-        _tag_version(model_uri, result.metrics, digest)
+        for version in target.versions:
+            _tag_version(version, result.metrics, digest)
         return result.metrics
 
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_threshold", "pixel_f1_threshold")
 
 
-def _tag_version(model_uri: str, figures: dict[str, float], digest: str) -> None:
-    if not model_uri.startswith("models:/"):
-        return  # only registered versions carry evaluation tags
-    name, _, ref = model_uri[len("models:/") :].replace("@", "/").partition("/")
+def _tag_version(version: ModelVersion, figures: dict[str, float], digest: str) -> None:
     client = MlflowClient()
-    version = registry.resolve_version(client, name, ref).version
     for key in (k for k in HEADLINE if k in figures):
-        client.set_model_version_tag(name, version, registry.EVAL_PREFIX + key, f"{figures[key]:.6f}")
-    client.set_model_version_tag(name, version, registry.DIGEST_TAG, digest)
-    client.set_model_version_tag(name, version, "eval.run_id", mlflow.active_run().info.run_id)
+        client.set_model_version_tag(version.name, version.version, registry.EVAL_PREFIX + key, f"{figures[key]:.6f}")
+    client.set_model_version_tag(version.name, version.version, registry.DIGEST_TAG, digest)
+    client.set_model_version_tag(version.name, version.version, "eval.run_id", mlflow.active_run().info.run_id)
 
 
 def lifecycle(

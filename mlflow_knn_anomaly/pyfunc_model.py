@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
-import os
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -26,9 +26,10 @@ from PIL import Image
 from . import __version__
 from .config import SEGMENT_MODES
 from .images import load_image
-from .runtime import configure_threads
+from .runtime import configure_threads, server_workers
 from .spade import SpadeDetector
 
+_logger = logging.getLogger(__name__)
 FLAVOR_NAME = "mlflow_knn_anomaly"
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ("score", "normalized_score", "is_anomalous", "segmented", "mask", "error")
@@ -95,6 +96,10 @@ class SpadePyfuncModel:
 
     def __init__(self, detector: SpadeDetector) -> None:
         self.detector = detector
+
+    def get_raw_model(self) -> SpadeDetector:
+        """The native detector (`mlflow.pyfunc.load_model(uri).get_raw_model()`)."""
+        return self.detector
 
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score a batch; a request that cannot be read raises MlflowException (HTTP 400 when served)."""
@@ -176,9 +181,11 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
 
 def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
     """MLflow's loader hook: `data_path` is the saved detector directory inside the model."""
-    # Server workers share the free cores. uvicorn takes its worker count from WEB_CONCURRENCY
-    # (`WEB_CONCURRENCY=2 mlflow models serve ...`); MLFLOW_KNN_ANOMALY_THREADS overrides it all.
-    configure_threads(workers=int(os.environ.get("WEB_CONCURRENCY", "1") or 1))
+    # Server workers share the free cores (`mlflow models serve -w N`); MLFLOW_KNN_ANOMALY_THREADS
+    # overrides it all.
+    workers = server_workers()
+    threads = configure_threads(workers=workers)
+    _logger.info("mlflow-knn-anomaly: %d threads per process, %d worker process(es)", threads, workers)
     return SpadePyfuncModel(SpadeDetector.load(data_path))
 
 
@@ -255,7 +262,10 @@ def log_model(
 
 def load_model(model_uri: str) -> SpadeDetector:
     """The native SpadeDetector of a logged or registered model (e.g. "models:/NAME@champion")."""
-    local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    except MlflowException as exc:
+        raise ValueError(f"cannot load {model_uri}: {exc.message} Check the model name, version or alias.") from exc
     conf = Model.load(str(local)).flavors.get(FLAVOR_NAME)
     if conf is None:
         raise ValueError(f"{model_uri} is not a {FLAVOR_NAME} model (its MLmodel lacks that flavor).")

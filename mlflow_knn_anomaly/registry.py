@@ -35,6 +35,31 @@ def resolve_version(client: MlflowClient, name: str, version_or_alias: str) -> M
         raise ValueError(f"model {name!r} has no version or alias {version_or_alias!r}: {exc.message}") from exc
 
 
+@dataclass(frozen=True)
+class ModelRef:
+    """What a model URI names: the MLflow 3 logged model (`m-...`) and its registered versions."""
+
+    model_id: str | None
+    versions: list[ModelVersion]
+
+
+def model_ref(model_uri: str) -> ModelRef:
+    """Resolve models:/NAME/VERSION, models:/NAME@ALIAS and models:/m-<id> (a logged model, what a
+    registered version's `source` holds); any other URI (runs:/, a path) names no registered version."""
+    if not model_uri.startswith("models:/"):
+        return ModelRef(None, [])
+    client = MlflowClient()
+    body = model_uri[len("models:/") :]
+    if "@" in body or "/" in body:
+        name, _, ref = body.replace("@", "/").partition("/")
+        versions = [resolve_version(client, name, ref)]
+    else:
+        versions = client.search_model_versions(f"source_path='{model_uri}'")
+    sources = {v.source for v in versions if v.source.startswith("models:/m-")}
+    model_id = body if not versions else (sources.pop()[len("models:/") :] if len(sources) == 1 else None)
+    return ModelRef(model_id, list(versions))
+
+
 def evaluation_of(version: ModelVersion, metric: str) -> tuple[float, str]:
     """(metric value, evaluation-data digest) recorded on a version by `evaluate`."""
     tags = version.tags or {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm.auto import tqdm
 
 from . import anomaly_map, artifacts
@@ -68,6 +69,7 @@ class SpadeDetector:
         self.bank: FeatureBank | None = None
         self.index: ImageIndex | None = None
         self.calibration: Calibration | None = None
+        self.holdout: list[Image.Image] | None = None  # kept for `update`; saved with the model
 
     # ---- features ---------------------------------------------------------------------------
     def extract(self, inputs: list[torch.Tensor]) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
@@ -124,11 +126,27 @@ class SpadeDetector:
         return self.fit_bank(bank, holdout_items, progress=progress)
 
     def fit_bank(self, bank: FeatureBank, holdout: list[ImageLike], progress: bool = False) -> SpadeDetector:
-        """Adopt a bank (built here, on Spark, or enlarged by `update_bank`) and calibrate on `holdout`."""
+        """Adopt a bank (built here, on Spark, or enlarged by `update`) and calibrate on `holdout`."""
         self.bank = bank
         self.index = ImageIndex(self.config.image_index).fit(bank.pooled)
-        self.calibration = self._calibrate(holdout, progress)
+        self.holdout = [load_image(item) for item in holdout]  # decoded once: calibration uses them twice
+        self.calibration = self._calibrate(self.holdout, progress)
         return self
+
+    def update(self, images: list[ImageLike], progress: bool = False) -> SpadeDetector:
+        """A new detector with the same settings and backbone: this bank enlarged with the normal
+        `images` (an evenly spread `holdout_fraction` of them joins the hold-out instead), then
+        recalibrated on the whole hold-out. This detector is left as it is.
+
+        Raises:
+            ValueError: the detector has no hold-out images (a model saved in format 2).
+        """
+        if self.holdout is None:
+            raise ValueError("this model was saved without its held-out images (format 2); rebuild it with build_bank.")
+        bank_items, holdout_items = split_holdout(list(images), self.config, minimum=0)
+        added = self.build_bank(bank_items, "new bank features" if progress else None)
+        updated = SpadeDetector(self.config, backbone=self.backbone)
+        return updated.fit_bank(self.bank.concat(added), self.holdout + holdout_items, progress)
 
     def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
         """Bank rows of one batch: global (n, D) float32 and, per image, {layer: (h * w, C) rows} in bank dtype."""
@@ -153,10 +171,9 @@ class SpadeDetector:
         ]
         return FeatureBank.from_images(np.concatenate([b[0] for b in batches]), [r for b in batches for r in b[1]])
 
-    def _calibrate(self, holdout: list[ImageLike], progress: bool) -> Calibration:
+    def _calibrate(self, images: list[Image.Image], progress: bool) -> Calibration:
         """Thresholds and score statistics of the held-out normal images, and the recall gate."""
         cfg = self.config
-        images = [load_image(item) for item in holdout]  # decoded once: also the synthetic anomalies' base
         knn, distances, sizes = [], [], []
         for inputs, _ in self._batches(images, "calibration" if progress else None):
             pooled, features = self.extract(inputs)
@@ -285,16 +302,21 @@ class SpadeDetector:
         """Write config.json (settings, calibration, artifact hashes), weights.safetensors and bank/ atomically."""
         if self.calibration is None:
             raise RuntimeError("nothing to save: call fit(normal_images) first.")
-        return artifacts.save_detector(Path(path), self.config, self.calibration, self.backbone, self.bank)
+        return artifacts.save_detector(
+            Path(path), self.config, self.calibration, self.backbone, self.bank, self.holdout
+        )
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True) -> SpadeDetector:
         """Load a saved detector, verifying every artifact's sha256; the bank is memory-mapped."""
-        config, calibration, weights, bank = artifacts.load_detector(Path(path), mmap=mmap)
-        detector = cls(config, backbone=build_backbone(config.backbone, str(weights), config.pyramid))
-        detector.bank = bank
-        detector.index = ImageIndex(config.image_index).fit(bank.pooled)
-        detector.calibration = calibration
+        saved = artifacts.load_detector(Path(path), mmap=mmap)
+        detector = cls(
+            saved.config, backbone=build_backbone(saved.config.backbone, str(saved.weights), saved.config.pyramid)
+        )
+        detector.bank = saved.bank
+        detector.index = ImageIndex(saved.config.image_index).fit(saved.bank.pooled)
+        detector.calibration = saved.calibration
+        detector.holdout = saved.holdout
         return detector
 
 
@@ -326,18 +348,21 @@ def random_projection(layer: str, channels: int, reduced: int) -> torch.Tensor:
     return torch.randn(channels, reduced, generator=generator) / reduced**0.5
 
 
-def split_holdout(items: list[ImageLike], config: SpadeConfig) -> tuple[list[ImageLike], list[ImageLike]]:
-    """Split normal images into (bank, holdout): an evenly spread `holdout_fraction` is held out.
+def split_holdout(
+    items: list[ImageLike], config: SpadeConfig, minimum: int = MIN_HOLDOUT
+) -> tuple[list[ImageLike], list[ImageLike]]:
+    """Split normal images into (bank, holdout): an evenly spread `holdout_fraction` (at least
+    `minimum`) is held out.
 
     Raises:
-        ValueError: too few images for `k_images` plus the hold-out.
+        ValueError: too few images for `k_images` plus the hold-out (a first fit only: `minimum` > 0).
     """
     n = len(items)
-    n_hold = max(MIN_HOLDOUT, int(round(config.holdout_fraction * n)))
-    if n - n_hold < config.k_images:
+    n_hold = min(n, max(minimum, int(round(config.holdout_fraction * n))))
+    if minimum and n - n_hold < config.k_images:
         raise ValueError(
             f"{n} normal images are too few: k_images={config.k_images} plus {n_hold} held out for "
             f"calibration need {config.k_images + n_hold}. Add normal images or lower k_images."
         )
-    hold = set(np.linspace(0, n - 1, n_hold).round().astype(int).tolist())
+    hold = set(np.linspace(0, n - 1, n_hold).round().astype(int).tolist()) if n_hold else set()
     return [x for j, x in enumerate(items) if j not in hold], [x for j, x in enumerate(items) if j in hold]
