@@ -2,9 +2,9 @@
 
 from .config import SpadeConfig
 from .spade import Prediction, SpadeDetector
+from .version import __version__
 
-__all__ = ["Prediction", "SpadeConfig", "SpadeDetector"]
-__version__ = "0.1.0"
+__all__ = ["Prediction", "SpadeConfig", "SpadeDetector", "__version__"]
 
 
 def __getattr__(name: str):

@@ -22,6 +22,7 @@ from .backbones import BACKBONES, Backbone
 from .bank import FeatureBank
 from .calibration import Calibration
 from .config import SpadeConfig
+from .version import DISTRIBUTION, __version__, serving_versions
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
@@ -44,7 +45,6 @@ FORMAT2_FITTED = {
     "layer_scales": "layer_scales",
 }
 FORMAT2_DROPPED = ("candidate_sigmas",)
-_VERSIONED = ("mlflow-knn-anomaly", "torch", "torchvision", "timm", "faiss-cpu", "numpy")
 
 
 def sha256(path: Path) -> str:
@@ -55,14 +55,15 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    versions = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
+def installed_version(name: str) -> str:
+    """The running version of a package ("absent" when not installed; this package's own code may
+    travel inside a model without being installed)."""
+    if name == DISTRIBUTION:
+        return __version__
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "absent"
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def save_detector(
             "calibration": calibration.to_dict(),
             "bank": {"n_images": bank.n_images, "nbytes": bank.nbytes},
             "sha256": {f.relative_to(tmp).as_posix(): sha256(f) for f in files},
-            "versions": library_versions(),
+            "versions": {DISTRIBUTION: __version__, **serving_versions()},
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
         os.replace(tmp, path)
@@ -162,9 +163,8 @@ def _read_png(path: Path) -> Image.Image:
 
 
 def _warn_on_version_mismatch(saved: dict[str, str]) -> None:
-    current = library_versions()
     for name, version in saved.items():
-        now = current.get(name, "absent")
+        now = installed_version(name)
         if version.split(".")[0] != now.split(".")[0]:
             warnings.warn(
                 f"model saved with {name} {version}, running {now}: a major version differs, results may change.",

@@ -162,6 +162,12 @@ class SpadeConfig:
         return cls.from_dict(json.loads(text))
 
 
+def check_segment(segment: object) -> None:
+    """`segment` of a predict call: one of SEGMENT_MODES."""
+    if segment not in SEGMENT_MODES:
+        raise ValueError(f"segment={segment!r} is not one of {list(SEGMENT_MODES)}.")
+
+
 def check_threshold(name: str, value: object) -> float | None:
     """A user's threshold: None (use the calibrated one) or a positive number.
 

@@ -12,6 +12,8 @@ import faiss
 import numpy as np
 import torch
 
+from .config import IMAGE_INDEXES
+
 # Bytes of one (queries x gallery) distance block per feature channel, capped. Few channels make
 # the GEMM memory-bound: cache-sized blocks (1.5 MiB at C=24) ran 2-5x faster than 64 MiB ones.
 # Many channels make it compute-bound, where taller blocks (16 MiB at C=256) ran 2x faster.
@@ -23,8 +25,8 @@ class ImageIndex:
     """Stage-1 index over pooled features: `fit / search`, returning (sq_dist, nn_indices)."""
 
     def __init__(self, kind: str = "flat") -> None:
-        if kind not in ("flat", "hnsw", "ivf"):
-            raise ValueError(f"image_index={kind!r} is not one of ['flat', 'hnsw', 'ivf'].")
+        if kind not in IMAGE_INDEXES:
+            raise ValueError(f"image_index={kind!r} is not one of {list(IMAGE_INDEXES)}.")
         self.kind = kind
         self.index: faiss.Index | None = None
 

@@ -12,6 +12,7 @@ import io
 import logging
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,30 +24,43 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from . import __version__
-from .config import SEGMENT_MODES
+from .config import OVERRIDES, check_segment, check_threshold
 from .images import load_image
 from .runtime import configure_threads, server_workers
 from .spade import SpadeDetector
+from .version import __version__, serving_versions
 
 _logger = logging.getLogger(__name__)
 FLAVOR_NAME = "mlflow_knn_anomaly"
 INPUT_COLUMN = "image"
-OUTPUT_COLUMNS = ("score", "normalized_score", "is_anomalous", "segmented", "mask", "error")
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Column:
+    """One output column: its MLflow (and Spark) type, pandas dtype, and value for a bad row."""
+
+    name: str
+    type: str
+    dtype: str
+    empty: Any
+
+
+# The output schema, in column order: the signature, the rows, their dtypes and Spark's schema
+# all derive from this table.
+OUTPUT = (
+    Column("score", "double", "Float64", None),
+    Column("normalized_score", "double", "Float64", None),
+    Column("is_anomalous", "boolean", "boolean", None),
+    Column("segmented", "boolean", "boolean", None),
+    Column("mask", "string", "object", ""),
+    Column("error", "string", "object", ""),
+)
+OUTPUT_COLUMNS = tuple(c.name for c in OUTPUT)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
-    outputs=Schema(
-        [
-            ColSpec("double", "score", required=False),
-            ColSpec("double", "normalized_score", required=False),
-            ColSpec("boolean", "is_anomalous", required=False),
-            ColSpec("boolean", "segmented", required=False),
-            ColSpec("string", "mask"),
-            ColSpec("string", "error"),
-        ]
-    ),
+    outputs=Schema([ColSpec(c.type, c.name, required=c.empty is not None) for c in OUTPUT]),
     params=ParamSchema(
         [
             ParamSpec("segment", "string", "auto"),
@@ -112,7 +126,7 @@ class SpadePyfuncModel:
             options = _check_params(params or {})
         except ValueError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        rows: list[dict[str, Any]] = [_empty_row() for _ in range(len(model_input))]
+        rows: list[dict[str, Any]] = [{c.name: c.empty for c in OUTPUT} for _ in range(len(model_input))]
         good, images = [], []
         for i, value in enumerate(model_input[INPUT_COLUMN].tolist()):
             try:
@@ -140,14 +154,7 @@ class SpadePyfuncModel:
                         encode_anomaly_map(prediction.anomaly_maps[j]) if prediction.segmented[j] else ""
                     )
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
-        frame = pd.DataFrame(rows, columns=columns)
-        return frame.astype(
-            {"score": "Float64", "normalized_score": "Float64", "is_anomalous": "boolean", "segmented": "boolean"}
-        )
-
-
-def _empty_row() -> dict[str, Any]:
-    return {"score": None, "normalized_score": None, "is_anomalous": None, "segmented": None, "mask": "", "error": ""}
+        return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
 
 
 def _as_bytes(value: object) -> bytes:
@@ -168,12 +175,9 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown params {unknown}; valid params: {sorted(known)}.")
     options = {"segment": "auto", "image_threshold": None, "pixel_threshold": None, "return_anomaly_map": False}
     options.update({k: v for k, v in params.items() if v is not None})
-    if options["segment"] not in SEGMENT_MODES:
-        raise ValueError(f"segment={options['segment']!r} is not one of {list(SEGMENT_MODES)}.")
-    for name in ("image_threshold", "pixel_threshold"):
-        value = options[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"{name}={value!r} must be a positive number (omit it for the calibrated one).")
+    check_segment(options["segment"])
+    for name in OVERRIDES:
+        check_threshold(name, options[name])
     if not isinstance(options["return_anomaly_map"], (bool, np.bool_)):
         raise ValueError(f"return_anomaly_map={options['return_anomaly_map']!r} must be true or false.")
     return options
@@ -227,23 +231,7 @@ def save_model(
 
 def default_pip_requirements() -> list[str]:
     """The pinned public packages a serving environment needs (the package's own code travels along)."""
-    from importlib import metadata
-
-    names = (
-        "mlflow",
-        "torch",
-        "torchvision",
-        "timm",
-        "numpy",
-        "scipy",
-        "scikit-learn",
-        "faiss-cpu",
-        "pandas",
-        "pillow",
-        "safetensors",
-        "tqdm",
-    )
-    return [f"{name}=={metadata.version(name)}" for name in names]
+    return [f"{name}=={version}" for name, version in serving_versions().items()]
 
 
 def log_model(

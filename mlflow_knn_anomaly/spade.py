@@ -24,7 +24,7 @@ from . import anomaly_map, artifacts
 from .backbones import Backbone, FeaturePyramid, build_backbone
 from .bank import FeatureBank
 from .calibration import Calibration, control_limit, recall_gate, score_stats, synthetic_anomalies
-from .config import SEGMENT_MODES, SpadeConfig, check_threshold
+from .config import SpadeConfig, check_segment, check_threshold
 from .images import ImageLike, load_image, prepare
 from .knn import ImageIndex
 
@@ -246,8 +246,7 @@ class SpadeDetector:
         """
         if self.calibration is None:
             raise RuntimeError("the detector is not fitted: call fit(normal_images) or SpadeDetector.load(path).")
-        if segment not in SEGMENT_MODES:
-            raise ValueError(f"segment={segment!r} is not one of {list(SEGMENT_MODES)}.")
+        check_segment(segment)
         image_t, pixel_t = self.thresholds(image_threshold, pixel_threshold)
         # two_stage: the recall-calibrated gate filters; knn: the image threshold itself gates.
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t

@@ -18,19 +18,13 @@ import torch
 from .bank import FeatureBank
 from .config import SpadeConfig
 from .datasets import IMAGE_SUFFIXES
+from .pyfunc_model import OUTPUT
 from .spade import SpadeDetector, split_holdout
 
 # Output columns and their Spark types. spark_udf cannot cast a numeric column that mixes values
 # with the nulls of a bad row, so every field crosses the UDF as a string and is cast back here
 # (str() of a float64 round-trips exactly).
-COLUMNS = {
-    "score": "double",
-    "normalized_score": "double",
-    "is_anomalous": "boolean",
-    "segmented": "boolean",
-    "mask": "string",
-    "error": "string",
-}
+COLUMNS = {c.name: c.type for c in OUTPUT}
 
 
 def session(master: str | None = None, app_name: str = "mlflow-knn-anomaly"):
