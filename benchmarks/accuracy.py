@@ -19,6 +19,8 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
+
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
 from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.evaluation import evaluate
@@ -88,6 +90,7 @@ METRIC_OF = {
     "anomalous to stage 2": "stage2_share_anomalous",
 }
 TIMED_IMAGES = 30
+DUMP: Path | None = None
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_SETS = [
     SHARED / name for name in ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")
@@ -112,6 +115,17 @@ def run(data: Path, name: str) -> dict[str, float]:
     fit_seconds = time.perf_counter() - start
     evaluation = evaluate(detector, data)
     samples = read_test(data)
+    if DUMP:  # per-image scores, to study the gate and the score fusion without recomputing maps
+        DUMP.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            DUMP / f"{data.name}__{name}.npz",
+            labels=np.array([s.is_anomalous for s in samples]),
+            types=np.array([s.defect_type for s in samples]),
+            knn=evaluation.knn_scores,
+            map=evaluation.map_scores,
+            scores=evaluation.scores,
+            calibration=json.dumps(detector.calibration.to_dict()),
+        )
     normal = spread([s.path for s in samples if not s.is_anomalous], TIMED_IMAGES)
     anomalous = spread([s.path for s in samples if s.is_anomalous], TIMED_IMAGES)
     row = {column: evaluation.metrics.get(key, math.nan) for column, key in METRIC_OF.items()}
@@ -139,7 +153,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--per-type", action="store_true", help="also print pixel AUROC / AUPRO per defect type")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_five.md"))
+    parser.add_argument("--dump", type=Path, default=None, help="write per-image scores here (.npz)")
     args = parser.parse_args()
+    global DUMP
+    DUMP = args.dump
     threads = configure_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.out.exists():

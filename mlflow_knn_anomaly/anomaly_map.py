@@ -18,15 +18,17 @@ def layer_distances(
     """Per layer, the (1, 1, h, w) mean distance of each query pixel to its kappa nearest gallery features.
 
     Args:
-        query: one image's features {layer: (C, h, w)}.
-        galleries: {layer: (M, C) float32} pixel features of its nearest normal images.
+        query: one image's features {layer: (C, h, w)}, on the device the search runs on.
+        galleries: {layer: (M, C) float32} pixel features of its nearest normal images (host
+            memory; moved to the query's device here).
         kappa: neighbours averaged (the paper: 1).
     """
     distances = {}
     for name, fmap in query.items():
         c, h, w = fmap.shape
         pixels = fmap.float().permute(1, 2, 0).reshape(-1, c)
-        distances[name] = pixel_knn(pixels, galleries[name], kappa).view(1, 1, h, w)
+        gallery = galleries[name].to(pixels.device, non_blocking=True)
+        distances[name] = pixel_knn(pixels, gallery, kappa).view(1, 1, h, w)
     return distances
 
 
@@ -50,9 +52,10 @@ def combine_layers(
     ]
     stacked = torch.cat(layer_maps)[:, 0]
     if combine == "geometric":
-        score_map = stacked.clamp_min(1e-12).log().mean(dim=0).exp().numpy()
+        score_map = stacked.clamp_min(1e-12).log().mean(dim=0).exp()
     else:
-        score_map = stacked.mean(dim=0).numpy()
+        score_map = stacked.mean(dim=0)
+    score_map = score_map.cpu().numpy()
     return gaussian_filter(score_map, sigma) if sigma > 0 else score_map
 
 

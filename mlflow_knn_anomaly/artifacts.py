@@ -91,7 +91,7 @@ def save_detector(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {k: v.contiguous() for k, v in backbone.model.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
         save_file(state, tmp / WEIGHTS_FILE)
         (tmp / HOLDOUT_DIR).mkdir()
         for i, image in enumerate(holdout):

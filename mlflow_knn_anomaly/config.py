@@ -21,6 +21,7 @@ SCORE_MODES = ("knn", "two_stage")
 IMAGE_INDEXES = ("flat", "hnsw", "ivf")
 BANK_DTYPES = ("float16", "float32")
 STAGE1_FEATURES = ("last", "pyramid")
+DEVICES = ("auto", "cpu", "cuda")
 # A threshold given by the user instead of the calibrated one; MLproject spells "none given" so.
 CALIBRATED = "calibrated"
 
@@ -70,6 +71,8 @@ class SpadeConfig:
             images at fit time) that the stage-1 gate must pass to stage 2. 1.0 sends every image.
         image_threshold, pixel_threshold: the user's thresholds; None uses the calibrated ones.
         batch_size: images per backbone forward pass.
+        device: where the backbone and the pixel kNN run: "auto" (a CUDA GPU when there is one),
+            "cpu" or "cuda". The bank stays in host memory; only each query's gallery moves.
     """
 
     backbone: str = "efficientnet_lite0"
@@ -97,6 +100,7 @@ class SpadeConfig:
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     batch_size: int = 4
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         layers = self.layers.split(",") if isinstance(self.layers, str) else self.layers
@@ -242,5 +246,6 @@ CONSTRAINTS = {
     "threshold_sigmas": _number(-3.0, 10.0),
     "gate_recall": _number(0.0, 1.0, low_open=True),
     "batch_size": _integer(1),
+    "device": _choice(DEVICES),
 }
 OVERRIDES = ("image_threshold", "pixel_threshold")

@@ -29,7 +29,8 @@ class Evaluation:
             alone), map_image_auroc (every image scored by its map), the F1-optimal thresholds,
             the stage-2 shares and, with masks, the pixel metrics of `PIXEL_METRICS`.
         per_type: {defect type: the same figures, that type's images plus the normal ones}.
-        samples: the test samples, in order; scores and knn_scores (N,) as reported and of stage 1.
+        samples: the test samples, in order; scores, knn_scores and map_scores (N,): as reported, of
+            stage 1, and of the anomaly map.
         anomaly_maps: (H_i, W_i) per sample. gt_masks and pro: None without masks.
     """
 
@@ -38,6 +39,7 @@ class Evaluation:
     samples: list[TestSample]
     scores: np.ndarray
     knn_scores: np.ndarray
+    map_scores: np.ndarray
     anomaly_maps: list[np.ndarray]
     gt_masks: list[np.ndarray] | None
     pro: metrics.ProCurve | None
@@ -89,6 +91,7 @@ def evaluate(detector: SpadeDetector, root: str | Path, progress: bool = False) 
         samples=samples,
         scores=prediction.scores,
         knn_scores=prediction.knn_scores,
+        map_scores=prediction.map_scores,
         anomaly_maps=maps,
         gt_masks=gt,
         pro=None if gt is None else metrics.pro_curve(gt, maps),

@@ -85,7 +85,7 @@ def pixel_knn(query: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.T
     g_sq = gallery.pow(2).sum(dim=1)
     block_bytes = min(MAX_BLOCK_BYTES, BLOCK_BYTES_PER_CHANNEL * gallery.shape[1])
     chunk = max(1, block_bytes // (4 * gallery.shape[0]))
-    out = torch.empty(query.shape[0], dtype=torch.float32)
+    out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
     gallery_t = gallery.t()
     for start in range(0, query.shape[0], chunk):
         q = query[start : start + chunk]

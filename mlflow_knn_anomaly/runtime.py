@@ -30,6 +30,15 @@ def configure_threads(threads: int | None = None, workers: int = 1) -> int:
     return n
 
 
+def resolve_device(device: str) -> torch.device:
+    """ "auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error that says so."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but torch sees no CUDA GPU here; use device='auto' or 'cpu'.")
+    return torch.device(device)
+
+
 def server_workers() -> int:
     """How many server processes share the machine with this one.
 

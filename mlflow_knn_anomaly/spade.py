@@ -27,6 +27,7 @@ from .calibration import Calibration, control_limit, recall_gate, score_stats, s
 from .config import SpadeConfig, check_segment, check_threshold
 from .images import ImageLike, load_image, prepare
 from .knn import ImageIndex
+from .runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ class SpadeDetector:
 
     def __init__(self, config: SpadeConfig | None = None, backbone: Backbone | None = None) -> None:
         self.config = config or SpadeConfig()
-        self.backbone = backbone or build_backbone(self.config.backbone, self.config.weights, self.config.pyramid)
+        self.device = resolve_device(self.config.device)
+        backbone = backbone or build_backbone(self.config.backbone, self.config.weights, self.config.pyramid)
+        self.backbone = backbone.to(self.device)
         self.bank: FeatureBank | None = None
         self.index: ImageIndex | None = None
         self.calibration: Calibration | None = None
@@ -84,9 +87,9 @@ class SpadeDetector:
             end = start + 1
             while end < len(inputs) and inputs[end].shape == inputs[start].shape:
                 end += 1
-            pyramid = self.backbone.extract(torch.stack(inputs[start:end]))
+            pyramid = self.backbone.extract(torch.stack(inputs[start:end]).to(self.device))
             layers = {name: self._aggregate(name, fmap) for name, fmap in pyramid.features.items()}
-            pooled.append(self._global_feature(pyramid).float().numpy())
+            pooled.append(self._global_feature(pyramid).float().cpu().numpy())
             features += [{name: fmap[i] for name, fmap in layers.items()} for i in range(end - start)]
             start = end
         return np.concatenate(pooled), features
@@ -105,7 +108,7 @@ class SpadeDetector:
         if p > 1:
             fmap = F.avg_pool2d(fmap, p, stride=1, padding=p // 2, count_include_pad=False)
         if 0 < self.config.reduce_channels < fmap.shape[1]:
-            projection = random_projection(name, fmap.shape[1], self.config.reduce_channels)
+            projection = random_projection(name, fmap.shape[1], self.config.reduce_channels).to(fmap.device)
             fmap = torch.einsum("nchw,cr->nrhw", fmap, projection)
         return fmap
 
@@ -155,7 +158,7 @@ class SpadeDetector:
         dtype = self.config.bank_dtype
         rows = [
             {
-                name: np.ascontiguousarray(f.permute(1, 2, 0).reshape(-1, f.shape[0]).numpy(), dtype)
+                name: np.ascontiguousarray(f.permute(1, 2, 0).reshape(-1, f.shape[0]).cpu().numpy(), dtype)
                 for name, f in image.items()
             }
             for image in features
