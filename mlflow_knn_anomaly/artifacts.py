@@ -125,7 +125,23 @@ def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved detector: {CONFIG_FILE} is missing.")
     record = json.loads(config_file.read_text())
-    for name, expected in record["sha256"].items():
+    _verify(path, record["sha256"])
+    if record.get("format_version") not in READABLE_FORMATS:
+        raise ValueError(
+            f"{path} was saved in format {record.get('format_version')}, this version reads formats "
+            f"{list(READABLE_FORMATS)}; rebuild the bank with this version (build-bank)."
+        )
+    _warn_on_version_mismatch(record.get("versions", {}))
+    bank = FeatureBank.load(path / BANK_DIR, mmap=mmap)
+    config, calibration = _settings_and_calibration(record, list(bank.features))
+    holdout = None
+    if (path / HOLDOUT_DIR).is_dir():
+        holdout = [_read_png(f) for f in sorted((path / HOLDOUT_DIR).glob("*.png"))]
+    return SavedDetector(config, calibration, path / WEIGHTS_FILE, bank, holdout)
+
+
+def _verify(path: Path, hashes: dict[str, str]) -> None:
+    for name, expected in hashes.items():
         file = path / name
         if not file.is_file():
             raise ValueError(f"artifact {name} is missing from {path}; the model is incomplete.")
@@ -134,13 +150,11 @@ def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
                 f"artifact {name} in {path} does not match its recorded sha256: the file was "
                 "modified or corrupted. Re-download or rebuild the model."
             )
-    if record.get("format_version") not in READABLE_FORMATS:
-        raise ValueError(
-            f"{path} was saved in format {record.get('format_version')}, this version reads formats "
-            f"{list(READABLE_FORMATS)}; rebuild the bank with this version (build-bank)."
-        )
-    _warn_on_version_mismatch(record.get("versions", {}))
-    bank = FeatureBank.load(path / BANK_DIR, mmap=mmap)
+
+
+def _settings_and_calibration(record: dict, bank_layers: list[str]) -> tuple[SpadeConfig, Calibration]:
+    """The config and calibration of a saved record, an older format's moved to today's fields so
+    that the model predicts exactly as it did."""
     settings = {**ADDED_SETTINGS, **record["config"]}
     if "calibration" in record:
         calibration = Calibration.from_dict(record["calibration"])
@@ -149,12 +163,9 @@ def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
         for key in FORMAT2_DROPPED:
             settings.pop(key, None)
     spec = BACKBONES.get(settings.get("backbone"))
-    if not settings.get("layers") and spec is not None and tuple(bank.features) != spec.default_layers:
-        settings["layers"] = list(bank.features)  # saved as "the backbone's default" before that changed
-    holdout = None
-    if (path / HOLDOUT_DIR).is_dir():
-        holdout = [_read_png(f) for f in sorted((path / HOLDOUT_DIR).glob("*.png"))]
-    return SavedDetector(SpadeConfig.from_dict(settings), calibration, path / WEIGHTS_FILE, bank, holdout)
+    if not settings.get("layers") and spec is not None and tuple(bank_layers) != spec.default_layers:
+        settings["layers"] = bank_layers  # saved as "the backbone's default" before that changed
+    return SpadeConfig.from_dict(settings), calibration
 
 
 def _read_png(path: Path) -> Image.Image:

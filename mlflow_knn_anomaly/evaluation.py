@@ -65,11 +65,8 @@ def evaluate(detector: SpadeDetector, root: str | Path, progress: bool = False) 
     labels = np.array([s.is_anomalous for s in samples])
     gt = [s.mask(m.shape[1], m.shape[0]) for s, m in zip(samples, maps)] if has_masks(root) else None
     headline = _figures(labels, prediction.scores, gt, maps)
-    if gt is not None:  # anomalib's protocol: maps and masks squashed to 256 x 256
-        gt_256 = [metrics.resize_mask(g, ANOMALIB_SIZE) for g in gt]
-        maps_256 = [metrics.resize_map(m, ANOMALIB_SIZE) for m in maps]
-        headline["pixel_auroc_256"] = metrics.pixel_auroc(gt_256, maps_256)
-        headline["aupro_256"] = metrics.aupro(gt_256, maps_256)
+    if gt is not None:
+        headline.update(_anomalib_protocol(gt, maps))
     headline["knn_image_auroc"] = metrics.image_auroc(labels, prediction.knn_scores)
     headline["map_image_auroc"] = metrics.image_auroc(labels, prediction.map_scores)
     headline["stage2_share"] = float(np.mean(prediction.candidates))
@@ -96,6 +93,13 @@ def evaluate(detector: SpadeDetector, root: str | Path, progress: bool = False) 
         gt_masks=gt,
         pro=None if gt is None else metrics.pro_curve(gt, maps),
     )
+
+
+def _anomalib_protocol(gt: list[np.ndarray], maps: list[np.ndarray]) -> dict[str, float]:
+    """Pixel metrics with maps and masks squashed to 256 x 256, as anomalib evaluates them."""
+    gt_256 = [metrics.resize_mask(g, ANOMALIB_SIZE) for g in gt]
+    maps_256 = [metrics.resize_map(m, ANOMALIB_SIZE) for m in maps]
+    return {"pixel_auroc_256": metrics.pixel_auroc(gt_256, maps_256), "aupro_256": metrics.aupro(gt_256, maps_256)}
 
 
 def _figures(

@@ -253,8 +253,29 @@ class SpadeDetector:
         image_t, pixel_t = self.thresholds(image_threshold, pixel_threshold)
         # two_stage: the recall-calibrated gate filters; knn: the image threshold itself gates.
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
-        knn, map_scores, maps, masks = [], [], [], []
-        for inputs, geometries in self._batches(list(images), "predict" if progress else None):
+        knn, map_scores, maps = self._run_stages(list(images), segment, gate, progress)
+        candidates = knn >= gate
+        two_stage = self.config.score_mode == "two_stage"
+        scores = fuse_scores(knn, map_scores, candidates, self.calibration) if two_stage else knn
+        return Prediction(
+            scores=scores,
+            normalized_scores=scores / image_t,
+            is_anomalous=scores / image_t >= 1.0,
+            segmented=~np.isnan(map_scores),
+            candidates=candidates,
+            knn_scores=knn,
+            map_scores=map_scores,
+            anomaly_maps=maps,
+            masks=[None if m is None else m >= pixel_t for m in maps],
+        )
+
+    def _run_stages(
+        self, images: list[ImageLike], segment: str, gate: float, progress: bool
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+        """Stage 1 for every image, stage 2 for those `segment` asks for: (N,) stage-1 scores, (N,)
+        map scores (NaN where not segmented) and the anomaly maps at each image's own size."""
+        knn, map_scores, maps = [], [], []
+        for inputs, geometries in self._batches(images, "predict" if progress else None):
             pooled, features = self.extract(inputs)
             scores, nn_indices = self.stage1(pooled)
             for i, geometry in enumerate(geometries):
@@ -263,30 +284,10 @@ class SpadeDetector:
                     input_map = self.stage2(features[i], nn_indices[i], geometry.input_shape)
                     map_scores.append(anomaly_map.map_score(input_map, self.config.score_margin))
                     maps.append(geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map))))
-                    masks.append(maps[-1] >= pixel_t)
                 else:
-                    map_scores += [np.nan]
+                    map_scores.append(np.nan)
                     maps.append(None)
-                    masks.append(None)
-        knn_arr, map_arr = np.asarray(knn, dtype=np.float64), np.asarray(map_scores, dtype=np.float64)
-        candidates = knn_arr >= gate
-        final = (
-            fuse_scores(knn_arr, map_arr, candidates, self.calibration)
-            if self.config.score_mode == "two_stage"
-            else knn_arr
-        )
-        normalized = final / image_t
-        return Prediction(
-            scores=final,
-            normalized_scores=normalized,
-            is_anomalous=normalized >= 1.0,
-            segmented=~np.isnan(map_arr),
-            candidates=candidates,
-            knn_scores=knn_arr,
-            map_scores=map_arr,
-            anomaly_maps=maps,
-            masks=masks,
-        )
+        return np.asarray(knn, dtype=np.float64), np.asarray(map_scores, dtype=np.float64), maps
 
     def thresholds(
         self, image_threshold: float | None = None, pixel_threshold: float | None = None
