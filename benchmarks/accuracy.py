@@ -91,6 +91,7 @@ METRIC_OF = {
 }
 TIMED_IMAGES = 30
 DUMP: Path | None = None
+PER_TYPE = False
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_SETS = [
     SHARED / name for name in ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")
@@ -113,7 +114,7 @@ def run(data: Path, name: str) -> dict[str, float]:
     start = time.perf_counter()
     detector = SpadeDetector(config).fit(read_train(data))
     fit_seconds = time.perf_counter() - start
-    evaluation = evaluate(detector, data)
+    evaluation = evaluate(detector, data, per_type_pixels=PER_TYPE)
     samples = read_test(data)
     if DUMP:  # per-image scores, to study the gate and the score fusion without recomputing maps
         DUMP.mkdir(parents=True, exist_ok=True)
@@ -155,8 +156,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy_five.md"))
     parser.add_argument("--dump", type=Path, default=None, help="write per-image scores here (.npz)")
     args = parser.parse_args()
-    global DUMP
-    DUMP = args.dump
+    global DUMP, PER_TYPE
+    DUMP, PER_TYPE = args.dump, args.per_type
     threads = configure_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.out.exists():

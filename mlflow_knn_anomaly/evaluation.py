@@ -49,13 +49,16 @@ class Evaluation:
         return self.gt_masks is not None
 
 
-def evaluate(detector: SpadeDetector, root: str | Path, progress: bool = False) -> Evaluation:
+def evaluate(
+    detector: SpadeDetector, root: str | Path, progress: bool = False, per_type_pixels: bool = True
+) -> Evaluation:
     """Score and segment every test image of `root` and compute the metrics.
 
     Every image is segmented (segment="all"), so that the pixel metrics cover all of them and the
     map score of every image is known; the image score is the one the product reports in
     segment="auto" mode. Pixel metrics are at each image's own resolution, and also (`*_256`) with
-    maps and masks resized to 256 x 256 as anomalib evaluates them.
+    maps and masks resized to 256 x 256 as anomalib evaluates them. Without `per_type_pixels` the
+    per-type figures leave out the pixel metrics (each a pass over every pixel).
     """
     samples = read_test(root)
     start = time.perf_counter()
@@ -79,7 +82,7 @@ def evaluate(detector: SpadeDetector, root: str | Path, progress: bool = False) 
         per_type[kind] = _figures(
             labels[keep],
             prediction.scores[keep],
-            None if gt is None else [gt[i] for i in keep],
+            [gt[i] for i in keep] if gt is not None and per_type_pixels else None,
             [maps[i] for i in keep],
         )
     return Evaluation(
