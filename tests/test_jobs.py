@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, jobs
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, jobs, registry
 from mlflow_knn_anomaly.datasets import make_synthetic, read_train
 
 SMALL = SpadeConfig(k_images=3, batch_size=4)
@@ -161,3 +161,18 @@ def test_interrupted_build_registers_nothing_and_a_rerun_succeeds(tracking, smal
     assert not list(tmp_path.rglob(".detector.*"))  # no temporary model directory left behind
     run_id, version = jobs.build_bank(str(small_data), SpadeConfig(k_images=3, batch_size=4), "m")
     assert version == "1"
+
+
+def test_image_level_labels_only_evaluate_and_promote_on_image_auroc(tracking, tmp_path):
+    # Many users have image labels but no masks: no ground_truth/ folder at all.
+    data = make_synthetic(tmp_path / "labels", seed=2, n_train=14, n_test_good=3, n_per_defect=2, size=96, masks=False)
+    decision = jobs.lifecycle(str(data), SMALL, "labels", metric="aupro", min_delta=0.0)
+    assert decision.promoted
+    client = MlflowClient()
+    tags = client.get_model_version("labels", "1").tags
+    assert "eval.image_auroc" in tags and "eval.aupro" not in tags
+    run = client.get_run(tags["eval.run_id"])
+    assert "image_auroc" in run.data.metrics and "pixel_auroc" not in run.data.metrics
+    assert run.data.tags["pixel_metrics"].startswith("absent: image-level labels only")
+    with pytest.raises(ValueError, match="has no evaluation"):  # an explicit pixel metric cannot decide
+        registry.promote("labels", "1", metric="aupro")
