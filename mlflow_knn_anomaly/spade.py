@@ -256,14 +256,14 @@ class SpadeDetector:
         knn, map_scores, maps = self._run_stages(list(images), segment, gate, progress)
         candidates = knn >= gate
         two_stage = self.config.score_mode == "two_stage"
-        scores = fuse_scores(knn, map_scores, candidates, self.calibration) if two_stage else knn
+        scores = fuse_scores(knn, map_scores, candidates, self.calibration) if two_stage else knn.astype(np.float64)
         return Prediction(
             scores=scores,
             normalized_scores=scores / image_t,
             is_anomalous=scores / image_t >= 1.0,
             segmented=~np.isnan(map_scores),
             candidates=candidates,
-            knn_scores=knn,
+            knn_scores=knn.astype(np.float64),
             map_scores=map_scores,
             anomaly_maps=maps,
             masks=[None if m is None else m >= pixel_t for m in maps],
@@ -279,7 +279,7 @@ class SpadeDetector:
             pooled, features = self.extract(inputs)
             scores, nn_indices = self.stage1(pooled)
             for i, geometry in enumerate(geometries):
-                knn.append(float(scores[i]))
+                knn.append(scores[i])
                 if segment == "all" or (segment == "auto" and scores[i] >= gate):
                     input_map = self.stage2(features[i], nn_indices[i], geometry.input_shape)
                     map_scores.append(anomaly_map.map_score(input_map, self.config.score_margin))
@@ -287,7 +287,9 @@ class SpadeDetector:
                 else:
                     map_scores.append(np.nan)
                     maps.append(None)
-        return np.asarray(knn, dtype=np.float64), np.asarray(map_scores, dtype=np.float64), maps
+        # Stage-1 scores stay float32 (faiss's precision), so that fusing them gives the same bits as
+        # every earlier release did.
+        return np.asarray(knn, dtype=np.float32), np.asarray(map_scores, dtype=np.float64), maps
 
     def thresholds(
         self, image_threshold: float | None = None, pixel_threshold: float | None = None
@@ -330,7 +332,7 @@ def fuse_scores(
     on the map's scale through z-scores of the held-out normal images, so one threshold serves both."""
     c = calibration
     on_map_scale = c.map_mean + c.map_std * (knn - c.knn_mean) / c.knn_std
-    return np.where(candidates & ~np.isnan(map_scores), map_scores, on_map_scale)
+    return np.where(candidates & ~np.isnan(map_scores), map_scores, on_map_scale).astype(np.float64)
 
 
 def _bar_off(desc: str | None) -> bool | None:
