@@ -49,6 +49,8 @@ VARIANTS: dict[str, dict] = {
     "gate_0.95": {"gate_recall": 0.95},
     "gate_0.9": {"gate_recall": 0.9},
     "stage1_pyramid": {"stage1_feature": "pyramid"},
+    "fusion_max": {"score_fusion": "max"},
+    "fusion_mean": {"score_fusion": "mean"},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
     "pool1_sigma4": {"feature_pool": 1, "sigma": 4.0},

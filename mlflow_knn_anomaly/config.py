@@ -21,6 +21,7 @@ SCORE_MODES = ("knn", "two_stage")
 IMAGE_INDEXES = ("flat", "hnsw", "ivf")
 BANK_DTYPES = ("float16", "float32")
 STAGE1_FEATURES = ("last", "pyramid")
+SCORE_FUSIONS = ("map", "max", "mean")
 DEVICES = ("auto", "cpu", "cuda")
 # A threshold given by the user instead of the calibrated one; MLproject spells "none given" so.
 CALIBRATED = "calibrated"
@@ -60,6 +61,10 @@ class SpadeConfig:
             fixed random projection (smaller bank, approximate distances); 0 keeps all channels.
         score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 is a
             recall-calibrated gate, the anomaly map's maximum scores the images past it).
+        score_fusion: two_stage: the image score of an image past the gate, from the z-scores of
+            its two stages (held-out normal statistics): "map" (the map's alone), "max" (the more
+            surprised stage: a global change such as a missing part is seen by stage 1, a small
+            defect by the map) or "mean".
         score_margin: pixels at the border of the network input that the map-based image score
             ignores (zero padding inflates every image's border features); masks still cover them.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
@@ -91,6 +96,7 @@ class SpadeConfig:
     feature_pool: int = 3
     reduce_channels: int = 0
     score_mode: str = "two_stage"
+    score_fusion: str = "map"
     score_margin: int = 16
     image_index: str = "flat"
     bank_dtype: str = "float16"
@@ -239,6 +245,7 @@ CONSTRAINTS = {
     "feature_pool": _integer(1),
     "reduce_channels": _integer(0),
     "score_mode": _choice(SCORE_MODES),
+    "score_fusion": _choice(SCORE_FUSIONS),
     "score_margin": _integer(0),
     "image_index": _choice(IMAGE_INDEXES),
     "bank_dtype": _choice(BANK_DTYPES),

@@ -193,12 +193,18 @@ class SpadeDetector:
         map_scores = np.array([anomaly_map.map_score(m, cfg.score_margin) for m in input_maps])
         maxima = np.array([float(m.max()) for m in input_maps])
         synthetic = self.stage1_scores(synthetic_anomalies(images), "synthetic anomalies" if progress else None)
-        z = cfg.threshold_sigmas
+        z, stats = cfg.threshold_sigmas, score_stats(knn_scores, map_scores)
+        every = np.ones(len(knn_scores), dtype=bool)  # as if past the gate: each held-out image has its map
+        image_scores = (
+            knn_scores
+            if cfg.score_mode == "knn"
+            else fuse_scores(knn_scores, map_scores, every, stats, cfg.score_fusion)
+        )
         return Calibration(
-            image_threshold=control_limit(knn_scores if cfg.score_mode == "knn" else map_scores, z),
+            image_threshold=control_limit(image_scores, z),
             pixel_threshold=control_limit(maxima, z),
             layer_scales=layer_scales,
-            **score_stats(knn_scores, map_scores),
+            **stats,
             **recall_gate(knn_scores, synthetic, cfg.gate_recall),
         )
 
@@ -256,7 +262,8 @@ class SpadeDetector:
         knn, map_scores, maps = self._run_stages(list(images), segment, gate, progress)
         candidates = knn >= gate
         two_stage = self.config.score_mode == "two_stage"
-        scores = fuse_scores(knn, map_scores, candidates, self.calibration) if two_stage else knn.astype(np.float64)
+        stats, fusion = self.calibration.to_dict(), self.config.score_fusion
+        scores = fuse_scores(knn, map_scores, candidates, stats, fusion) if two_stage else knn.astype(np.float64)
         return Prediction(
             scores=scores,
             normalized_scores=scores / image_t,
@@ -326,13 +333,24 @@ class SpadeDetector:
 
 
 def fuse_scores(
-    knn: np.ndarray, map_scores: np.ndarray, candidates: np.ndarray, calibration: Calibration
+    knn: np.ndarray, map_scores: np.ndarray, candidates: np.ndarray, stats: dict[str, float], fusion: str = "map"
 ) -> np.ndarray:
-    """two_stage image scores: a segmented candidate's map score; any other image's stage-1 score put
-    on the map's scale through z-scores of the held-out normal images, so one threshold serves both."""
-    c = calibration
-    on_map_scale = c.map_mean + c.map_std * (knn - c.knn_mean) / c.knn_std
-    return np.where(candidates & ~np.isnan(map_scores), map_scores, on_map_scale).astype(np.float64)
+    """two_stage image scores, on the map's scale so that one threshold serves every image.
+
+    A segmented candidate is scored by `fusion` of its two stages' z-scores (from the held-out
+    normal `stats`: knn_mean, knn_std, map_mean, map_std): "map" its map score alone, "max"
+    whichever stage is more surprised, "mean" their average. Any other image keeps its stage-1
+    z-score.
+    """
+    z_knn = (knn - stats["knn_mean"]) / stats["knn_std"]
+    if fusion == "map":
+        fused = map_scores
+    else:
+        z_map = (map_scores - stats["map_mean"]) / stats["map_std"]
+        z = np.maximum(z_map, z_knn) if fusion == "max" else (z_map + z_knn) / 2
+        fused = stats["map_mean"] + stats["map_std"] * z
+    on_map_scale = stats["map_mean"] + stats["map_std"] * z_knn
+    return np.where(candidates & ~np.isnan(map_scores), fused, on_map_scale).astype(np.float64)
 
 
 def _bar_off(desc: str | None) -> bool | None:

@@ -10,7 +10,7 @@ from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, metrics
 from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.evaluation import evaluate
 from mlflow_knn_anomaly.images import prepare
-from mlflow_knn_anomaly.spade import split_holdout
+from mlflow_knn_anomaly.spade import fuse_scores, split_holdout
 
 
 def test_synthetic_defects_land_on_the_map_maximum_and_normals_pass(fitted, synthetic_root):
@@ -263,3 +263,14 @@ def test_a_model_of_the_previous_format_loads_and_predicts_the_same(fitted, save
     before, after = fitted.predict(paths), loaded.predict(paths)
     np.testing.assert_array_equal(before.scores, after.scores)
     np.testing.assert_array_equal(before.segmented, after.segmented)
+
+
+def test_score_fusion_combines_the_two_stages_z_scores():
+    stats = {"knn_mean": 1.0, "knn_std": 0.5, "map_mean": 10.0, "map_std": 2.0}
+    knn = np.array([3.0, 3.0, 1.0])  # stage-1 z = 4, 4, 0
+    maps = np.array([12.0, np.nan, 16.0])  # map z = 1, -, 3
+    past_gate = np.array([True, True, False])
+    # Past the gate and segmented: the fusion; otherwise the stage-1 z-score on the map's scale.
+    np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "map"), [12.0, 18.0, 10.0])
+    np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "max"), [18.0, 18.0, 10.0])
+    np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "mean"), [15.0, 18.0, 10.0])
