@@ -40,10 +40,15 @@ def main() -> None:
         z_knn = (d["knn"] - cal["knn_mean"]) / cal["knn_std"]
         z_map = (d["map"] - cal["map_mean"]) / cal["map_std"]
         gate = d["knn"] >= cal["gate_threshold"]
-        cells = [f"{image_auroc(labels, np.where(gate, f(z_knn, z_map), z_knn)):.4f}" for f in FUSIONS.values()]
+        cells = [
+            f"{image_auroc(labels, np.where(passed, f(z_knn, z_map), z_knn)):.4f}"
+            for passed in (gate, np.ones_like(gate))
+            for name, f in FUSIONS.items()
+            if name != "knn"
+        ]
         data, variant = dump.stem.split("__")
         passes = f"{gate[~labels].mean():.2f} / {gate[labels].mean():.2f}"
-        print(f"| {data} | {variant} | {passes} | " + " | ".join(cells) + f" | {image_auroc(labels, z_map):.4f} |")
+        print(f"| {data} | {variant} | {passes} | " + " | ".join(cells) + f" | {image_auroc(labels, z_knn):.4f} |")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def recall_gate(normal: np.ndarray, synthetic: np.ndarray, recall: float) -> dic
 
 
 # ---- synthetic anomalies ------------------------------------------------------------------------
-def synthetic_anomalies(images: list[Image.Image], seed: int = 0) -> list[Image.Image]:
+def synthetic_anomalies(images: list[Image.Image], seed: int = 0, scale: float = 1.0) -> list[Image.Image]:
     """Three synthetic anomalies per normal image: cut-paste, textured blob, thin scratch.
 
     Sizes follow each image's shorter side, so small and large images get comparable defects.
@@ -120,15 +120,15 @@ def synthetic_anomalies(images: list[Image.Image], seed: int = 0) -> list[Image.
     out = []
     for i, image in enumerate(images):
         donor = images[(i + 1) % len(images)]
-        out += [cut_paste(image, donor, rng), blob(image, rng), scratch(image, rng)]
+        out += [cut_paste(image, donor, rng, scale), blob(image, rng, scale), scratch(image, rng, scale)]
     return out
 
 
-def cut_paste(image: Image.Image, donor: Image.Image, rng: np.random.Generator) -> Image.Image:
+def cut_paste(image: Image.Image, donor: Image.Image, rng: np.random.Generator, scale: float = 1.0) -> Image.Image:
     """A rectangle of 2-15 % of the area (aspect 0.3-3.3, as CutPaste) cut from `donor` and pasted
     at another place, slightly brightened or darkened."""
     w, h = image.size
-    area = rng.uniform(0.02, 0.15) * w * h
+    area = rng.uniform(0.02, 0.15) * w * h * scale**2
     aspect = math.exp(rng.uniform(math.log(0.3), math.log(3.3)))
     pw = int(np.clip(round(math.sqrt(area * aspect)), 2, w - 1))
     ph = int(np.clip(round(math.sqrt(area / aspect)), 2, h - 1))
@@ -141,11 +141,11 @@ def cut_paste(image: Image.Image, donor: Image.Image, rng: np.random.Generator) 
     return out
 
 
-def blob(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def blob(image: Image.Image, rng: np.random.Generator, scale: float = 1.0) -> Image.Image:
     """An ellipse of smoothed noise (3-12 % of the shorter side across), blended in with a soft edge."""
     w, h = image.size
     side = min(w, h)
-    rx, ry = (max(2.0, rng.uniform(0.03, 0.12) * side) for _ in range(2))
+    rx, ry = (max(2.0, rng.uniform(0.03, 0.12) * side * scale) for _ in range(2))
     cx, cy = rng.uniform(rx, w - rx), rng.uniform(ry, h - ry)
     mask = Image.new("L", (w, h), 0)
     ImageDraw.Draw(mask).ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=255)
@@ -157,12 +157,12 @@ def blob(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(mixed, 0, 255).astype(np.uint8))
 
 
-def scratch(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+def scratch(image: Image.Image, rng: np.random.Generator, scale: float = 1.0) -> Image.Image:
     """A thin polyline (1-3 % of the shorter side wide, 15-45 % long), darker or brighter than
     the image around it."""
     w, h = image.size
     side = min(w, h)
-    length = rng.uniform(0.15, 0.45) * side
+    length = rng.uniform(0.15, 0.45) * side * scale
     angle = rng.uniform(0, math.pi)
     x, y = rng.uniform(0.1 * w, 0.9 * w), rng.uniform(0.1 * h, 0.9 * h)
     points = [(x, y)]
@@ -173,6 +173,6 @@ def scratch(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     level = int(np.mean(np.asarray(image)))
     colour = int(level * 0.3) if rng.random() < 0.5 else int(level + 0.7 * (255 - level))
     out = image.copy()
-    width = max(1, round(rng.uniform(0.01, 0.03) * side))
+    width = max(1, round(rng.uniform(0.01, 0.03) * side * scale))
     ImageDraw.Draw(out).line(points, fill=(colour,) * 3, width=width, joint="curve")
     return out

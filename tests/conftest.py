@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import io
 import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from mlflow_knn_anomaly import SpadeDetector
 from mlflow_knn_anomaly.datasets import make_synthetic, read_train
@@ -36,6 +38,16 @@ def saved_detector(fitted: SpadeDetector, tmp_path_factory: pytest.TempPathFacto
 
 
 @pytest.fixture(scope="session")
+def model_dir(fitted: SpadeDetector, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`fitted` saved as an MLflow model directory."""
+    from mlflow_knn_anomaly import save_model
+
+    path = tmp_path_factory.mktemp("pyfunc") / "model"
+    save_model(fitted, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def bottle() -> tuple[Path, SpadeDetector]:
     """The shared MVTec AD bottle folder and a default detector fitted on it (skips without data)."""
     root = shared_dataset("mvtec_bottle")
@@ -47,3 +59,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
+    """The encoded file bytes of an image, as a client sends them."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()

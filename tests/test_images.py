@@ -1,5 +1,3 @@
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -9,12 +7,7 @@ from PIL import Image
 
 from mlflow_knn_anomaly.images import Geometry, load_image, network_size, prepare
 
-
-def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
+from .conftest import encode_image
 
 GRAY = np.tile(np.arange(0, 256, 16, dtype=np.uint8), (16, 1))
 
@@ -43,7 +36,7 @@ def test_paths_bytes_pil_and_arrays_decode_identically(tmp_path):
     for item in (
         tmp_path / "a.png",
         str(tmp_path / "a.png"),
-        _encode(Image.fromarray(array)),
+        encode_image(Image.fromarray(array)),
         Image.fromarray(array),
         array,
     ):
@@ -55,7 +48,7 @@ def test_paths_bytes_pil_and_arrays_decode_identically(tmp_path):
     [
         (b"", ValueError, "empty image bytes"),
         (b"not an image at all", ValueError, "cannot decode"),
-        (_encode(Image.new("RGB", (64, 64)))[:60], ValueError, "cannot decode"),
+        (encode_image(Image.new("RGB", (64, 64)))[:60], ValueError, "cannot decode"),
         (3.5, TypeError, "unsupported image type"),
         (np.zeros((4, 4), dtype=np.float32), ValueError, "uint8"),
     ],
@@ -67,7 +60,7 @@ def test_bad_inputs_raise_clear_errors(item, error, message):
 
 
 def test_decompression_bomb_is_refused_before_decoding():
-    header = _encode(Image.new("1", (40000, 40000)))
+    header = encode_image(Image.new("1", (40000, 40000)))
     with pytest.raises(ValueError, match="exceeds the cap"):
         load_image(header)
 
@@ -113,7 +106,7 @@ def test_kept_aspect_maps_back_onto_the_whole_image():
     assert full.shape == (100, 300) and full[50, 0] < 1 and full[50, -1] > 94
 
 
-VALID_PNG = _encode(Image.new("RGB", (24, 16), (90, 160, 30)))
+VALID_PNG = encode_image(Image.new("RGB", (24, 16), (90, 160, 30)))
 
 
 @settings(max_examples=300, deadline=None)

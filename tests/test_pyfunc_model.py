@@ -9,26 +9,15 @@ import yaml
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from mlflow_knn_anomaly import decode_anomaly_map, decode_mask, load_model, save_model
+from mlflow_knn_anomaly import decode_anomaly_map, decode_mask, load_model
 from mlflow_knn_anomaly.datasets import read_test
 
-
-@pytest.fixture(scope="module")
-def model_dir(fitted, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pyfunc") / "model"
-    save_model(fitted, path)
-    return path
+from .conftest import encode_image
 
 
 @pytest.fixture(scope="module")
 def pyfunc(model_dir):
     return mlflow.pyfunc.load_model(str(model_dir))
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def test_model_directory_has_flavor_code_signature_and_no_pickle(model_dir):
@@ -56,7 +45,7 @@ def test_pyfunc_predict_equals_the_detector(pyfunc, fitted, synthetic_root):
 
 def test_bad_rows_get_errors_and_good_rows_still_come_back_in_order(pyfunc, synthetic_root):
     good = read_test(synthetic_root)[0].path.read_bytes()
-    png = _png(Image.new("RGB", (64, 64), (120, 130, 140)))
+    png = encode_image(Image.new("RGB", (64, 64), (120, 130, 140)))
     jpeg = io.BytesIO()
     Image.new("RGB", (64, 64)).save(jpeg, format="JPEG")
     rows = [good, b"", b"hello, I am a text file", png[: len(png) // 2], jpeg.getvalue()[:100], good]

@@ -14,18 +14,12 @@ import pytest
 import requests
 from PIL import Image
 
-from mlflow_knn_anomaly import decode_mask, save_model
+from mlflow_knn_anomaly import decode_mask
 from mlflow_knn_anomaly.datasets import read_test
 
-from .conftest import free_port
+from .conftest import encode_image, free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def _bomb_png(width: int = 40000, height: int = 40000) -> bytes:
@@ -41,9 +35,8 @@ def _bomb_png(width: int = 40000, height: int = 40000) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(fitted, tmp_path_factory):
-    model = tmp_path_factory.mktemp("served") / "model"
-    save_model(fitted, model)
+def server(model_dir):
+    model = model_dir
     port = free_port()
     env = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS="1")
     env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
@@ -91,8 +84,8 @@ def test_real_images_score_with_masks_at_their_own_size(server, fitted, syntheti
 
 def test_every_bad_row_gets_an_error_and_good_rows_still_come_back(server, synthetic_root):
     good = read_test(synthetic_root)[0].path.read_bytes()
-    png = _encode(Image.new("RGB", (64, 64), (10, 200, 30)))
-    jpeg = _encode(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
+    png = encode_image(Image.new("RGB", (64, 64), (10, 200, 30)))
+    jpeg = encode_image(Image.new("RGB", (64, 64), (10, 200, 30)), "JPEG")
     bad = {
         "undecodable": b"\x00\x01\x02garbage",
         "empty": b"",
@@ -102,15 +95,15 @@ def test_every_bad_row_gets_an_error_and_good_rows_still_come_back(server, synth
         "bomb": _bomb_png(),
     }
     legal = {
-        "1x1": _encode(Image.new("RGB", (1, 1))),
-        "16-bit": _encode(Image.fromarray(np.full((40, 50), 40000, np.uint16))),
-        "cmyk jpeg": _encode(Image.new("CMYK", (40, 30), (0, 50, 100, 0)), "JPEG"),
-        "rgba": _encode(Image.new("RGBA", (33, 44), (1, 2, 3, 4))),
-        "palette": _encode(Image.new("RGB", (30, 30), (200, 0, 0)).convert("P")),
-        "grayscale": _encode(Image.new("L", (70, 20), 128)),
-        "bmp": _encode(Image.new("RGB", (20, 20)), "BMP"),
-        "tiff": _encode(Image.new("RGB", (20, 20)), "TIFF"),
-        "huge 4000x3000": _encode(Image.new("RGB", (4000, 3000), (90, 90, 90))),
+        "1x1": encode_image(Image.new("RGB", (1, 1))),
+        "16-bit": encode_image(Image.fromarray(np.full((40, 50), 40000, np.uint16))),
+        "cmyk jpeg": encode_image(Image.new("CMYK", (40, 30), (0, 50, 100, 0)), "JPEG"),
+        "rgba": encode_image(Image.new("RGBA", (33, 44), (1, 2, 3, 4))),
+        "palette": encode_image(Image.new("RGB", (30, 30), (200, 0, 0)).convert("P")),
+        "grayscale": encode_image(Image.new("L", (70, 20), 128)),
+        "bmp": encode_image(Image.new("RGB", (20, 20)), "BMP"),
+        "tiff": encode_image(Image.new("RGB", (20, 20)), "TIFF"),
+        "huge 4000x3000": encode_image(Image.new("RGB", (4000, 3000), (90, 90, 90))),
     }
     rows = [good, *bad.values(), *legal.values(), good]
     response = _post(server, [_b64(r) for r in rows], {"segment": "all"})
