@@ -46,7 +46,7 @@ def main() -> None:
     labels = np.array([s.is_anomalous for s in evaluation.samples])
     kinds = np.array([s.defect_type for s in evaluation.samples])
     values, bands, defective = [], [], []
-    for label, score_map, truth in zip(labels, evaluation.maps, evaluation.gt_masks):
+    for label, score_map, truth in zip(labels, evaluation.anomaly_maps, evaluation.gt_masks):
         normal = ~truth
         values.append(score_map[normal])
         bands.append(border_distance(*score_map.shape)[normal])
