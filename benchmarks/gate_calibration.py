@@ -60,7 +60,8 @@ def main() -> None:
                 auroc_mean = image_auroc(labels, np.where(passed, (z_map + z_knn) / 2, z_knn))
                 print(
                     f"| {name} | {scale} | {recall} | {gate['gate_synthetic_auroc']:.3f} | "
-                    f"{passed[~labels].mean():.2f} / {passed[labels].mean():.3f} | {auroc_map:.4f} | {auroc_mean:.4f} |",
+                    f"{passed[~labels].mean():.2f} / {passed[labels].mean():.3f} | "
+                    f"{auroc_map:.4f} | {auroc_mean:.4f} |",
                     flush=True,
                 )
 
