@@ -29,10 +29,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path)
     args = parser.parse_args()
-    print(
-        "| data | variant | gate passes (normal / anomalous) | " + " | ".join(FUSIONS) + " | every image by its map |"
-    )
-    print("|---" * (len(FUSIONS) + 4) + "|")
+    names = [f"{f}, {g}" for g in ("gate", "gate open") for f in FUSIONS if f != "knn"]
+    print("| data | variant | gate passes (normal / anomalous) | " + " | ".join(names) + " | knn |")
+    print("|---" * (len(names) + 4) + "|")
     for dump in sorted(args.folder.glob("*.npz")):
         d = np.load(dump)
         cal = json.loads(str(d["calibration"]))
