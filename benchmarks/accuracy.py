@@ -51,6 +51,7 @@ VARIANTS: dict[str, dict] = {
     "stage1_pyramid": {"stage1_feature": "pyramid"},
     "fusion_max": {"score_fusion": "max"},
     "fusion_mean": {"score_fusion": "mean"},
+    "fusion_map": {"score_fusion": "map"},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
     "pool1_sigma4": {"feature_pool": 1, "sigma": 4.0},

@@ -62,9 +62,9 @@ class SpadeConfig:
         score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 is a
             recall-calibrated gate, the anomaly map's maximum scores the images past it).
         score_fusion: two_stage: the image score of an image past the gate, from the z-scores of
-            its two stages (held-out normal statistics): "map" (the map's alone), "max" (the more
-            surprised stage: a global change such as a missing part is seen by stage 1, a small
-            defect by the map) or "mean".
+            its two stages (held-out normal statistics): "mean" (their average: a global change
+            such as a missing part is seen by stage 1, a small defect by the map), "max" (the more
+            surprised stage) or "map" (the map's alone, for data where stage 1 misleads).
         score_margin: pixels at the border of the network input that the map-based image score
             ignores (zero padding inflates every image's border features); masks still cover them.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
@@ -96,7 +96,7 @@ class SpadeConfig:
     feature_pool: int = 3
     reduce_channels: int = 0
     score_mode: str = "two_stage"
-    score_fusion: str = "map"
+    score_fusion: str = "mean"
     score_margin: int = 16
     image_index: str = "flat"
     bank_dtype: str = "float16"
