@@ -18,7 +18,6 @@
 #   S3_BUCKET [mlflow], AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY [testing, for the emulator]
 #   MLFLOW_PORT [5000], MLFLOW_WORKERS [2]
 #   SPARK_PORT [7077], SPARK_WORKERS [2], SPARK_WORKER_CORES [1], SPARK_WORKER_MEMORY [2g]
-#   SPARK_WORKER_USER []             run the workers as this user (as root: they then cannot read the driver's files)
 # Needs: PostgreSQL's server binaries, and on PATH `mlflow` with psycopg2 and boto3 (and `moto_server`,
 # pyspark and Java 17 for the emulator and Spark): pip install -e '.[dev,spark]'.
 set -euo pipefail
@@ -33,7 +32,6 @@ export AWS_DEFAULT_REGION=${AWS_DEFAULT_REGION:-us-east-1}
 MLFLOW_PORT=${MLFLOW_PORT:-5000} MLFLOW_WORKERS=${MLFLOW_WORKERS:-2}
 SPARK_PORT=${SPARK_PORT:-7077} SPARK_WORKERS=${SPARK_WORKERS:-2}
 SPARK_WORKER_CORES=${SPARK_WORKER_CORES:-1} SPARK_WORKER_MEMORY=${SPARK_WORKER_MEMORY:-2g}
-SPARK_WORKER_USER=${SPARK_WORKER_USER:-}
 LOGS=$TEAM_DIR/logs PIDS=$TEAM_DIR/pids
 
 fail() { echo "services.sh: $*" >&2; exit 1; }
@@ -121,6 +119,7 @@ start_mlflow() {
         --backend-store-uri "postgresql://$PG_USER:$PG_PASSWORD@$HOST:$PG_PORT/$PG_DB" \
         --artifacts-destination "s3://$S3_BUCKET/artifacts"
     wait_for mlflow 180 curl -sf "http://$HOST:$MLFLOW_PORT/health"
+    client_env mlflow "export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT"
 }
 
 start_spark() {
@@ -133,29 +132,30 @@ start_spark() {
         --host "$HOST" --port "$SPARK_PORT" --webui-port 0
     for i in $(seq "$SPARK_WORKERS"); do
         work=$TEAM_DIR/spark-worker-$i && mkdir -p "$work"
-        local as=()
-        if [ -n "$SPARK_WORKER_USER" ]; then chown "$SPARK_WORKER_USER" "$work"; as=(runuser -u "$SPARK_WORKER_USER" --); fi
-        HOME=$work launch "spark-worker-$i" "${as[@]}" "$SPARK_HOME/bin/spark-class" \
+        launch "spark-worker-$i" "$SPARK_HOME/bin/spark-class" \
             org.apache.spark.deploy.worker.Worker --host "$HOST" --cores "$SPARK_WORKER_CORES" \
             --memory "$SPARK_WORKER_MEMORY" --work-dir "$work" --webui-port 0 "spark://$HOST:$SPARK_PORT"
     done
     registered() { [ "$(grep -c 'Registering worker' "$LOGS/spark-master.log")" -ge "$SPARK_WORKERS" ]; }
     wait_for spark-master 120 registered
+    client_env spark "export SPARK_MASTER_URL=spark://$HOST:$SPARK_PORT" \
+        "export SPARK_LOCAL_IP=$HOST  # the address Spark executors reach the driver at"
 }
 
 stop_spark() {
     local file
     for file in "$PIDS"/spark-worker-*.pid; do [ -f "$file" ] && stop_pid "$(basename "$file" .pid)"; done
     stop_pid spark-master
+    client_env spark
 }
 
-write_client_env() {
-    {
-        echo "# Source this before a build, evaluate, promote, serve or a Spark driver."
-        echo "export MLFLOW_TRACKING_URI=http://$HOST:$MLFLOW_PORT"
-        echo "export SPARK_LOCAL_IP=$HOST  # the address Spark executors reach the driver at"
-        [ -f "$PIDS/spark-master.pid" ] && echo "export SPARK_MASTER_URL=spark://$HOST:$SPARK_PORT"
-    } >"$TEAM_DIR/client.env"
+# client.env gathers what each running service tells its clients (env.d/SERVICE.env).
+client_env() {
+    local service=$1; shift
+    mkdir -p "$TEAM_DIR/env.d"
+    if [ $# -gt 0 ]; then printf '%s\n' "$@" >"$TEAM_DIR/env.d/$service.env"; else rm -f "$TEAM_DIR/env.d/$service.env"; fi
+    { echo "# Source this before a build, evaluate, promote, serve or a Spark driver."; cat "$TEAM_DIR"/env.d/*.env 2>/dev/null || true; } \
+        >"$TEAM_DIR/client.env"
 }
 
 main() {
@@ -173,7 +173,6 @@ main() {
                 esac
                 echo "started $service"
             done
-            write_client_env
             echo "client settings: $TEAM_DIR/client.env" ;;
         stop)
             services=("${@:-spark mlflow s3 postgres}")
@@ -181,7 +180,8 @@ main() {
                 case $service in
                     postgres) stop_postgres ;;
                     spark) stop_spark ;;
-                    s3|mlflow) stop_pid "$service" ;;
+                    s3) stop_pid s3 ;;
+                    mlflow) stop_pid mlflow && client_env mlflow ;;
                     *) fail "unknown service $service (postgres | s3 | mlflow | spark)" ;;
                 esac
             done ;;
