@@ -153,9 +153,12 @@ stop_spark() {
 client_env() {
     local service=$1; shift
     mkdir -p "$TEAM_DIR/env.d"
-    if [ $# -gt 0 ]; then printf '%s\n' "$@" >"$TEAM_DIR/env.d/$service.env"; else rm -f "$TEAM_DIR/env.d/$service.env"; fi
-    { echo "# Source this before a build, evaluate, promote, serve or a Spark driver."; cat "$TEAM_DIR"/env.d/*.env 2>/dev/null || true; } \
-        >"$TEAM_DIR/client.env"
+    (
+        flock 9  # two services started at once each rewrite client.env
+        if [ $# -gt 0 ]; then printf '%s\n' "$@" >"$TEAM_DIR/env.d/$service.env"; else rm -f "$TEAM_DIR/env.d/$service.env"; fi
+        { echo "# Source this before a build, evaluate, promote, serve or a Spark driver."; cat "$TEAM_DIR"/env.d/*.env 2>/dev/null || true; } \
+            >"$TEAM_DIR/client.env"
+    ) 9>"$TEAM_DIR/.lock"
 }
 
 main() {
