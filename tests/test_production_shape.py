@@ -96,6 +96,7 @@ class Team:
 
 
 def _check(done: subprocess.CompletedProcess) -> str:
+    print(f"{time.strftime('%H:%M:%S')} done: {' '.join(map(str, done.args[1:6]))}", flush=True)  # pytest -s: timings
     assert done.returncode == 0, f"{done.args[:6]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
     return done.stdout
 
@@ -112,15 +113,18 @@ def team():
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update({k: str(free_port()) for k in ("PG_PORT", "S3_PORT", "MLFLOW_PORT", "SPARK_PORT")})
     team = Team(home, env)
-    spark = subprocess.Popen([str(SERVICES), "start", "spark"], env=env, capture_output=True, text=True)
+    spark = None
     try:
+        spark = subprocess.Popen(
+            [str(SERVICES), "start", "spark"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         team.services("start")  # postgres, s3, mlflow, while the Spark cluster starts beside them
         out, err = spark.communicate(timeout=300)
         _check(subprocess.CompletedProcess(spark.args, spark.returncode, out, err))
         env.update(team.client_env())
         yield team
     finally:
-        if spark.poll() is None:
+        if spark is not None and spark.poll() is None:
             spark.kill()
             spark.wait()
         subprocess.run([str(SERVICES), "stop"], env=env, capture_output=True, timeout=300)
@@ -228,7 +232,13 @@ def test_lifecycle_on_postgres_s3_and_a_spark_cluster(team, tmp_path):
     # The model's files are objects in the bucket, not files on this disk.
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{team.env['S3_PORT']}")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{team.env['S3_PORT']}",
+        aws_access_key_id="testing",  # the emulator's (services.sh's defaults)
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]]
     assert sum(k.endswith("data/detector/bank/pooled.npy") for k in keys) == 2
 
