@@ -222,9 +222,7 @@ def test_lifecycle_on_postgres_s3_and_a_spark_cluster(team, tmp_path):
     team.services("start", "postgres")
     assert _registry_state(client, NAME) == before
 
-    _mlflow_run(team, "build_bank", data=str(bottle), model_name=NAME, **V2)
-    _mlflow_run(team, "evaluate", model_uri=f"models:/{NAME}/2", data=str(bottle))
-    _mlflow_run(team, "promote", model_name=NAME, candidate="2")
+    _mlflow_run(team, "main", data=str(bottle), model_name=NAME, **V2)  # build, evaluate, promote in one run
     assert (_alias(client, "champion"), _alias(client, "previous")) == ("2", "1")
     _mlflow_run(team, "rollback", model_name=NAME)
     assert (_alias(client, "champion"), _alias(client, "previous")) == ("1", "2")
