@@ -179,15 +179,19 @@ main() {
             echo "client settings: $TEAM_DIR/client.env" ;;
         stop)
             services=("${@:-spark mlflow s3 postgres}")
-            for service in ${services[*]}; do
+            local pids=() pid status=0
+            for service in ${services[*]}; do  # side by side: each waits for its processes to exit
                 case $service in
-                    postgres) stop_postgres ;;
-                    spark) stop_spark ;;
-                    s3) stop_pid s3 ;;
-                    mlflow) stop_pid mlflow && client_env mlflow ;;
+                    postgres) stop_postgres & ;;
+                    spark) stop_spark & ;;
+                    s3) stop_pid s3 & ;;
+                    mlflow) { stop_pid mlflow && client_env mlflow; } & ;;
                     *) fail "unknown service $service (postgres | s3 | mlflow | spark)" ;;
                 esac
-            done ;;
+                pids+=($!)
+            done
+            for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+            return $status ;;
         *) fail "usage: services.sh start|stop [postgres|s3|mlflow|spark ...]" ;;
     esac
 }
