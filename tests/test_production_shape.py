@@ -131,10 +131,15 @@ def team():
         shutil.rmtree(home, ignore_errors=True)
 
 
-def _mlflow_run(team: Team, entry_point: str, **params: str) -> str:
+def _mlflow_run_args(entry_point: str, **params: str) -> list[str]:
     args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", entry_point]
     for key, value in params.items():
         args += ["-P", f"{key}={value}"]
+    return args
+
+
+def _mlflow_run(team: Team, entry_point: str, **params: str) -> str:
+    args = _mlflow_run_args(entry_point, **params)
     return _check(subprocess.run(args, env=team.env, capture_output=True, text=True, timeout=600))
 
 
@@ -209,6 +214,51 @@ def _key(path: str) -> str:
     return "/".join(str(path).split("/")[-2:])
 
 
+def _bucket_keys(team: Team) -> list[str]:
+    import boto3
+
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{team.env['S3_PORT']}",
+        aws_access_key_id="testing",  # the emulator's (services.sh's defaults)
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+    return [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]]
+
+
+def _check_serving(team: Team, model_uri: str, image: Path, expected: pd.Series, log: Path) -> None:
+    """`mlflow models serve`, fetching the model from the server, answers as in-process predict."""
+    payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+    with _served(team, model_uri, log) as url:
+        row = requests.post(f"{url}/invocations", json=payload, timeout=120).json()["predictions"][0]
+    assert row["score"] == pytest.approx(expected["score"], rel=1e-6)
+    assert row["is_anomalous"] == expected["is_anomalous"] and row["error"] == ""
+    assert row["mask"] == expected["mask"] != ""
+
+
+def _check_spark_scoring(team: Team, model_uri: str, source: Path, expected: pd.DataFrame, out: Path) -> None:
+    """`score` on the standalone cluster writes the in-process scores and masks."""
+    args = ("--model-uri", model_uri, "--source", str(source), "--output", str(out), "--master", team.spark_master)
+    assert _cli(team, "score", *args)["rows"] == len(expected)
+    scored = pd.read_parquet(out).set_index("path").rename(index=_key).loc[expected.index]
+    np.testing.assert_allclose(scored["score"].to_numpy(float), expected["score"].to_numpy(float), rtol=1e-6)
+    masks = [base64.b64encode(m).decode() if m is not None else "" for m in scored["mask"]]
+    assert masks == list(expected["mask"])
+
+
+def _check_spark_bank(team: Team, data: Path, local_uri: str) -> None:
+    """`build-bank --spark-master` on the cluster registers a bank byte-identical to a local build's."""
+    args = ("--data", str(data), "--model-name", f"{NAME}-spark", *(f"--{k}={v}" for k, v in V1.items()))
+    version = _cli(team, "build-bank", *args, "--spark-master", team.spark_master)["version"]
+    with _tracking(team.tracking_uri):
+        local, remote = (
+            json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/data/detector/config.json")).read_text())
+            for uri in (local_uri, f"models:/{NAME}-spark/{version}")
+        )
+    assert local["sha256"] == remote["sha256"]
+
+
 def test_lifecycle_on_postgres_s3_and_a_spark_cluster(team, tmp_path):
     bottle = shared_dataset("mvtec_bottle")
     client = MlflowClient(team.tracking_uri)
@@ -226,47 +276,16 @@ def test_lifecycle_on_postgres_s3_and_a_spark_cluster(team, tmp_path):
     assert (_alias(client, "champion"), _alias(client, "previous")) == ("2", "1")
     _mlflow_run(team, "rollback", model_name=NAME)
     assert (_alias(client, "champion"), _alias(client, "previous")) == ("1", "2")
-
-    # The model's files are objects in the bucket, not files on this disk.
-    import boto3
-
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{team.env['S3_PORT']}",
-        aws_access_key_id="testing",  # the emulator's (services.sh's defaults)
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    )
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow")["Contents"]]
-    assert sum(k.endswith("data/detector/bank/pooled.npy") for k in keys) == 2
+    # the model files are objects in the bucket, not files on this disk
+    assert sum(k.endswith("data/detector/bank/pooled.npy") for k in _bucket_keys(team)) == 2
 
     champion = f"models:/{NAME}@champion"
-    samples = sorted(p for p in (bottle / "test").rglob("*.png"))
+    samples = sorted((bottle / "test").rglob("*.png"))
     expected = _in_process(team, champion, samples).set_index(pd.Index([_key(p) for p in samples]))
-
     one = bottle / "test" / "broken_large" / "000.png"
-    with _served(team, champion, tmp_path / "serve.log") as url:
-        payload = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(one.read_bytes()).decode()]]}}
-        row = requests.post(f"{url}/invocations", json=payload, timeout=120).json()["predictions"][0]
-    want = expected.loc[_key(one)]
-    assert row["score"] == pytest.approx(want["score"], rel=1e-6) and row["mask"] == want["mask"] != ""
-
-    out = tmp_path / "scores.parquet"
-    spark_args = ("--model-uri", champion, "--source", str(bottle / "test"), "--output", str(out))
-    assert _cli(team, "score", *spark_args, "--master", team.spark_master)["rows"] == len(samples)
-    scored = pd.read_parquet(out).set_index("path").rename(index=_key).loc[expected.index]
-    np.testing.assert_allclose(scored["score"].to_numpy(float), expected["score"].to_numpy(float), rtol=1e-6)
-    masks = [base64.b64encode(m).decode() if m is not None else "" for m in scored["mask"]]
-    assert masks == list(expected["mask"])
-
-    spark_args = ("--data", str(bottle), "--model-name", f"{NAME}-spark", *(f"--{k}={v}" for k, v in V1.items()))
-    version = _cli(team, "build-bank", *spark_args, "--spark-master", team.spark_master)["version"]
-    with _tracking(team.tracking_uri):
-        local, remote = (
-            json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/data/detector/config.json")).read_text())
-            for uri in (f"models:/{NAME}/1", f"models:/{NAME}-spark/{version}")
-        )
-    assert local["sha256"] == remote["sha256"]
+    _check_serving(team, champion, one, expected.loc[_key(one)], tmp_path / "serve.log")
+    _check_spark_scoring(team, champion, bottle / "test", expected, tmp_path / "scores.parquet")
+    _check_spark_bank(team, bottle, f"models:/{NAME}/1")
 
 
 def test_an_s3_outage_mid_build_registers_nothing_and_says_what_failed(team):
@@ -275,9 +294,7 @@ def test_an_s3_outage_mid_build_registers_nothing_and_says_what_failed(team):
     name = f"{NAME}-outage"
     # MLflow retries a failed request for about 4 minutes by default; one retry shows the same failure.
     env = dict(team.env, MLFLOW_HTTP_REQUEST_MAX_RETRIES="1", MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR="1")
-    args = [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "-e", "build_bank"]
-    for key, value in {"data": str(bottle), "model_name": name, **V1}.items():
-        args += ["-P", f"{key}={value}"]
+    args = _mlflow_run_args("build_bank", data=str(bottle), model_name=name, **V1)
     build = subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
