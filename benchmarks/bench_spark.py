@@ -19,6 +19,7 @@ from pathlib import Path
 
 from mlflow_knn_anomaly import SpadeDetector, save_model
 from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.runtime import configure_threads
 from mlflow_knn_anomaly.spark import score, session
 
 
@@ -41,7 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--master", nargs="+", default=["local[2]"], help="one or more Spark masters")
+    parser.add_argument("--threads", type=int, default=None, help="in-process threads (default: the free cores)")
     args = parser.parse_args()
+    configure_threads(args.threads)  # torch's own default, every core, crawls on a busy machine
     detector = SpadeDetector().fit(read_train(args.data))
     paths = [s.path for s in read_test(args.data)]
     with tempfile.TemporaryDirectory() as tmp:
