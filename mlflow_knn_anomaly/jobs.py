@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 
 from . import registry
 from .config import SpadeConfig
@@ -80,7 +81,7 @@ def build_bank(
         else:
             detector = SpadeDetector(config).fit(images, progress=True)
         _log_fit(detector, len(images), time.perf_counter() - start)
-        info = log_model(detector, name="model", registered_model_name=model_name)
+        info = _log_and_register(detector, model_name)
         return run.info.run_id, str(info.registered_model_version)
 
 
@@ -105,13 +106,32 @@ def update_bank(model_uri: str, data: str, model_name: str | None = None, skip_b
         start = time.perf_counter()
         updated = detector.update(images, progress=True)
         _log_fit(updated, len(images), time.perf_counter() - start)
-        info = log_model(updated, name="model", registered_model_name=name)
+        info = _log_and_register(updated, name)
         version = str(info.registered_model_version)
         client = MlflowClient()
         client.set_model_version_tag(name, version, "parent.model_uri", model_uri)
         if parent.versions:
             client.set_model_version_tag(name, version, "parent.version", parent.versions[0].version)
         return run.info.run_id, version
+
+
+def _log_and_register(detector: SpadeDetector, model_name: str):
+    """Log the model and register it; a failed upload says where it failed and that nothing was registered.
+
+    MLflow registers a version only once every file is stored, but its own error names only the
+    HTTP request that failed (after about 4 minutes of retries by default); a team needs to know
+    which service to look at.
+    """
+    try:
+        return log_model(detector, name="model", registered_model_name=model_name)
+    except MlflowException as exc:
+        where = (
+            "the tracking server could not store the model's files in its artifact store (see the server's "
+            "log: is the object store up, are its endpoint, bucket and credentials right?)"
+            if "mlflow-artifacts" in exc.message
+            else "storing the model failed"
+        )
+        raise RuntimeError(f"{where}; no version of {model_name!r} was registered. Cause: {exc.message}") from exc
 
 
 def _readable_train_images(root: Path, skip_bad: bool) -> list[Path]:
