@@ -197,7 +197,7 @@ class Sandbox:
             self.server = None
 
     def champion(self) -> str:
-        return self.client.get_model_version_by_alias("bottle", "champion").version
+        return str(self.client.get_model_version_by_alias("bottle", "champion").version)
 
 
 def _copy_project(target: Path) -> Path:
