@@ -71,7 +71,7 @@ class SpadeEvaluator(ModelEvaluator):
                 "or custom_artifacts."
             )
         detector = _detector(model)
-        config = {**COLUMNS, **(evaluator_config or {})}
+        config = _columns(evaluator_config or {})
         samples = samples_from_frame(dataset.features_data, dataset.labels_data, config)
         result = evaluate_samples(detector, samples, progress=True)  # a bar only on a terminal
         figures = flat_metrics(result)
@@ -81,6 +81,16 @@ class SpadeEvaluator(ModelEvaluator):
             client.set_tag(run_id, "pixel_metrics", NO_PIXEL_METRICS)
         artifacts = _log_plots(client, run_id, result, detector)
         return EvaluationResult(metrics=figures, artifacts=artifacts, run_id=run_id)
+
+
+def _columns(evaluator_config: dict) -> dict[str, str]:
+    """Column names: the defaults, with those the evaluator_config renames (a misspelt key is an error)."""
+    unknown = sorted(set(evaluator_config) - set(COLUMNS))
+    if unknown:
+        raise MlflowException.invalid_parameter_value(
+            f"unknown evaluator_config keys {unknown} for {EVALUATOR_NAME}; valid keys: {sorted(COLUMNS)}."
+        )
+    return {**COLUMNS, **evaluator_config}
 
 
 def _detector(model: Any) -> SpadeDetector:

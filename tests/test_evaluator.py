@@ -125,6 +125,21 @@ def test_masks_for_only_some_anomalous_images_fail_before_any_work(fitted):
         evaluate_samples(fitted, samples)
 
 
+def test_evaluator_config_renames_columns_and_refuses_unknown_keys(results, frame):
+    renamed = pd.concat([frame[frame["label"]].iloc[:1], frame[~frame["label"]].iloc[:2]])
+    renamed = renamed.rename(columns={"image": "picture"}).reset_index(drop=True)
+    result = mlflow.models.evaluate(
+        "models:/parts/2", renamed, model_type=MODEL_TYPE, evaluators=[EVALUATOR_NAME],
+        evaluator_config={"image_col": "picture"},
+    )  # fmt: skip
+    assert "aupro" in result.metrics
+    with pytest.raises(MlflowException, match=r"unknown evaluator_config keys \['image_column'\]"):
+        mlflow.models.evaluate(
+            "models:/parts/2", renamed, model_type=MODEL_TYPE, evaluators=[EVALUATOR_NAME],
+            evaluator_config={"image_column": "picture"},
+        )  # fmt: skip
+
+
 def test_a_model_of_another_flavor_is_refused(tracking, frame):
     with pytest.raises(MlflowException, match="evaluates mlflow_knn_anomaly models"):
         mlflow.models.evaluate(lambda df: df, frame.iloc[:2], model_type=MODEL_TYPE, evaluators=[EVALUATOR_NAME])
