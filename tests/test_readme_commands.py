@@ -44,6 +44,7 @@ DATA = {  # README folder -> shared data set (under ../shared/data)
     "/data/mvtec/bottle-new": NEW_NORMAL,
 }
 FILES = {"part.png": "mvtec_bottle/test/broken_large/000.png"}
+DATA_FOLDER = re.compile(r"(?<![\w./-])/data/[\w./-]*\w")  # not ../shared/data/...
 RUN_ALL = os.environ.get("MLFLOW_KNN_ANOMALY_README_ALL") == "1"
 SKIPS = (  # (pattern of a command, why it does not run here)
     (r"^(python3 -m venv|\. \.venv/bin/activate|pip install)", "an install: these tests run in the environment "
@@ -154,7 +155,7 @@ class Sandbox:
             assert name in DATA, f"README uses {name}: map it to a shared data set in DATA"
             return str(self.new_normal if DATA[name] == NEW_NORMAL else self.data / DATA[name])
 
-        text = re.sub(r"/data/[\w./-]*\w", folder, text)
+        text = DATA_FOLDER.sub(folder, text)
         for placeholder, shared in FILES.items():
             text = text.replace(placeholder, str(self.data / shared))
         if "m-<id>" in text:  # the newest version's logged model
@@ -299,5 +300,5 @@ def test_the_readme_has_commands_for_every_entry_point():
 
 
 def test_every_readme_data_folder_maps_to_a_shared_data_set():
-    used = set(re.findall(r"/data/[\w./-]*\w", README.read_text()))
+    used = set(DATA_FOLDER.findall(README.read_text()))
     assert used <= set(DATA), used - set(DATA)
