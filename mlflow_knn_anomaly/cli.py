@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 
@@ -15,7 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from . import jobs, registry
 from .config import CALIBRATED, OVERRIDES, SpadeConfig
-from .runtime import configure_threads
+from .runtime import THREADS_ENV, configure_threads
 
 _FIELDS = dataclasses.fields(SpadeConfig)
 _DEFAULTS = SpadeConfig()
@@ -62,7 +63,9 @@ def _config(options: dict) -> SpadeConfig:
 @click.option("--threads", type=int, default=None, help="torch/faiss threads (default: the free cores)")
 def cli(threads: int | None) -> None:
     """SPADE kNN anomaly detection on MLflow: build banks, evaluate, promote, roll back."""
-    configure_threads(threads)
+    if threads:  # through the environment, so that a model loaded through pyfunc (evaluate) keeps it too
+        os.environ[THREADS_ENV] = str(threads)
+    configure_threads()
 
 
 @cli.command("build-bank")

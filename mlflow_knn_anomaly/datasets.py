@@ -6,6 +6,7 @@ Layout: <root>/train/good/*.png, <root>/test/<type>/*.png ("good" = normal), and
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +33,16 @@ class TestSample:
         """(height, width) bool ground truth; all False for normal images."""
         if self.mask_path is None:
             return np.zeros((height, width), dtype=bool)
-        with Image.open(self.mask_path) as m:
-            mask = np.asarray(m.convert("L")) > 127
+        mask = read_mask(self.mask_path)
         if mask.shape != (height, width):
             raise ValueError(f"mask {self.mask_path} is {mask.shape[::-1]}, its image is {(width, height)}.")
         return mask
+
+
+def read_mask(source: str | Path | bytes) -> np.ndarray:
+    """(H, W) bool ground truth from a mask image file or its encoded bytes: pixels above 127 are defect."""
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as mask:
+        return np.asarray(mask.convert("L")) > 127
 
 
 def list_images(folder: Path) -> list[Path]:

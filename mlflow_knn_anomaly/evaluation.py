@@ -1,23 +1,47 @@
-"""Evaluate a fitted detector on an MVTec-layout test set (no MLflow here).
+"""Evaluate a fitted detector on a labelled test set (no MLflow here).
 
-Sets with pixel masks (<root>/ground_truth) get image and pixel metrics; sets with image-level
-labels only get the image metrics, and their pixel metrics are absent (not an error).
+The test set is a list of `LabelledImage` (images in memory or on disk, their labels and optional
+masks), read from an MVTec-layout folder by `read_samples` or built by the caller (the MLflow
+evaluator builds it from a DataFrame). Sets with pixel masks get image and pixel metrics; sets
+with image-level labels only get the image metrics, and their pixel metrics are absent (not an error).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics
-from .datasets import TestSample, has_masks, read_test
+from .datasets import NORMAL, read_mask, read_test
+from .images import ImageLike
 from .spade import SpadeDetector
 
 ANOMALIB_SIZE = 256
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_f1_threshold", "pixel_f1", "pixel_auroc_256", "aupro_256")
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    """One test image and its ground truth.
+
+    Attributes:
+        image: a path or encoded bytes (anything `SpadeDetector.predict` takes).
+        defect_type: "good" for a normal image, else the kind of defect.
+        mask: (H, W) bool defect pixels at the image's own size; None for a normal image, or for
+            every image of a set with image-level labels only.
+    """
+
+    image: ImageLike
+    defect_type: str
+    mask: np.ndarray | None = None
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.defect_type != NORMAL
 
 
 @dataclass(frozen=True)
@@ -36,7 +60,7 @@ class Evaluation:
 
     metrics: dict[str, float]
     per_type: dict[str, dict[str, float]]
-    samples: list[TestSample]
+    samples: list[LabelledImage]
     scores: np.ndarray
     knn_scores: np.ndarray
     map_scores: np.ndarray
@@ -49,24 +73,44 @@ class Evaluation:
         return self.gt_masks is not None
 
 
+def read_samples(root: str | Path) -> list[LabelledImage]:
+    """The test set of an MVTec-layout folder (`read_test`), masks decoded."""
+    return [
+        LabelledImage(s.path, s.defect_type, None if s.mask_path is None else read_mask(s.mask_path))
+        for s in read_test(root)
+    ]
+
+
 def evaluate(
     detector: SpadeDetector, root: str | Path, progress: bool = False, per_type_pixels: bool = True
 ) -> Evaluation:
-    """Score and segment every test image of `root` and compute the metrics.
+    """`evaluate_samples` on the test set of an MVTec-layout folder."""
+    return evaluate_samples(detector, read_samples(root), progress=progress, per_type_pixels=per_type_pixels)
+
+
+def evaluate_samples(
+    detector: SpadeDetector, samples: Sequence[LabelledImage], progress: bool = False, per_type_pixels: bool = True
+) -> Evaluation:
+    """Score and segment every test image and compute the metrics.
 
     Every image is segmented (segment="all"), so that the pixel metrics cover all of them and the
     map score of every image is known; the image score is the one the product reports in
     segment="auto" mode. Pixel metrics are at each image's own resolution, and also (`*_256`) with
-    maps and masks resized to 256 x 256 as anomalib evaluates them. Without `per_type_pixels` the
-    per-type figures leave out the pixel metrics (each a pass over every pixel).
+    maps and masks resized to 256 x 256 as anomalib evaluates them. Pixel metrics need a mask for
+    every anomalous image; with none at all, only the image metrics are computed. Without
+    `per_type_pixels` the per-type figures leave out the pixel metrics (each a pass over every pixel).
+
+    Raises:
+        ValueError: some anomalous images have masks and others not, or a mask is not its image's size.
     """
-    samples = read_test(root)
+    samples = list(samples)
+    with_masks = _check_masks(samples)
     start = time.perf_counter()
-    prediction = detector.predict([s.path for s in samples], segment="all", progress=progress)
+    prediction = detector.predict([s.image for s in samples], segment="all", progress=progress)
     seconds = time.perf_counter() - start
     maps = prediction.anomaly_maps
     labels = np.array([s.is_anomalous for s in samples])
-    gt = [s.mask(m.shape[1], m.shape[0]) for s, m in zip(samples, maps)] if has_masks(root) else None
+    gt = _ground_truth(samples, maps) if with_masks else None
     headline = _figures(labels, prediction.scores, gt, maps)
     if gt is not None:
         headline.update(_anomalib_protocol(gt, maps))
@@ -77,8 +121,8 @@ def evaluate(
     headline["stage2_share_anomalous"] = float(np.mean(prediction.candidates[labels]))
     headline["seconds_per_image_all_segmented"] = seconds / len(samples)
     per_type = {}
-    for kind in sorted({s.defect_type for s in samples} - {"good"}):
-        keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, "good")]
+    for kind in sorted({s.defect_type for s in samples} - {NORMAL}):
+        keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, NORMAL)]
         per_type[kind] = _figures(
             labels[keep],
             prediction.scores[keep],
@@ -103,6 +147,37 @@ def _anomalib_protocol(gt: list[np.ndarray], maps: list[np.ndarray]) -> dict[str
     gt_256 = [metrics.resize_mask(g, ANOMALIB_SIZE) for g in gt]
     maps_256 = [metrics.resize_map(m, ANOMALIB_SIZE) for m in maps]
     return {"pixel_auroc_256": metrics.pixel_auroc(gt_256, maps_256), "aupro_256": metrics.aupro(gt_256, maps_256)}
+
+
+def _check_masks(samples: list[LabelledImage]) -> bool:
+    """Whether the set has pixel labels: a mask for every anomalous image (checked before any work)."""
+    if all(s.mask is None for s in samples):
+        return False
+    missing = [_name(s, i) for i, s in enumerate(samples) if s.is_anomalous and s.mask is None]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} anomalous test images have no mask ({', '.join(missing[:5])}); give every "
+            "anomalous image a mask, or none at all to evaluate with image-level labels only."
+        )
+    return True
+
+
+def _ground_truth(samples: list[LabelledImage], maps: list[np.ndarray]) -> list[np.ndarray]:
+    """Per image, its (H, W) bool mask; all False for a normal image without one."""
+    gt = []
+    for i, (sample, score_map) in enumerate(zip(samples, maps)):
+        mask = np.zeros(score_map.shape, dtype=bool) if sample.mask is None else np.asarray(sample.mask, dtype=bool)
+        if mask.shape != score_map.shape:
+            raise ValueError(
+                f"the mask of {_name(sample, i)} is {mask.shape[1]}x{mask.shape[0]} pixels, its image "
+                f"{score_map.shape[1]}x{score_map.shape[0]}; masks must be at their image's own size."
+            )
+        gt.append(mask)
+    return gt
+
+
+def _name(sample: LabelledImage, index: int) -> str:
+    return str(sample.image) if isinstance(sample.image, (str, Path)) else f"row {index}"
 
 
 def _figures(

@@ -16,6 +16,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
@@ -23,9 +24,8 @@ from . import registry
 from .config import SpadeConfig
 from .datasets import make_synthetic, read_test, read_train
 from .evaluation import PIXEL_METRICS
-from .evaluation import evaluate as evaluate_detector
+from .evaluator import EVALUATOR_NAME, MODEL_TYPE, frame_from_folder
 from .images import load_image
-from .plots import overlay_grid, pro_curve_figure, roc_figure
 from .pyfunc_model import load_model, log_model
 from .spade import SpadeDetector, split_holdout
 
@@ -175,38 +175,43 @@ def data_digest(root: Path) -> str:
     return content_digest(root, [p for s in read_test(root) for p in (s.path, s.mask_path) if p is not None])
 
 
-def folder_dataset(root: Path, paths: list[Path], split: str, digest: str | None = None) -> MetaDataset:
+def folder_dataset(root: Path, paths: list[Path], split: str) -> MetaDataset:
     """An MLflow dataset for a folder's images: its source is the folder, its digest our content
     digest (its first 32 hex digits: MLflow's digest column is short; the version tag keeps all 64)."""
-    digest = digest or content_digest(root, paths)
+    digest = content_digest(root, paths)[:32]
+    return MetaDataset(source=_folder_source(root), name=f"{root.name}/{split}", digest=digest)
+
+
+def evaluation_dataset(root: Path, digest: str) -> PandasDataset:
+    """The test set as the evaluator's DataFrame (`frame_from_folder`), an MLflow dataset named and
+    sourced like `folder_dataset`, with the test set's content digest."""
+    frame = frame_from_folder(root)
+    return mlflow.data.from_pandas(frame, source=_folder_source(root), name=f"{root.name}/test", digest=digest[:32])
+
+
+def _folder_source(root: Path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "can be interpreted in multiple ways": it is a local folder
-        source = resolve_dataset_source(str(root.resolve()))
-    return MetaDataset(source=source, name=f"{root.name}/{split}", digest=digest[:32])
+        return resolve_dataset_source(str(root.resolve()))
 
 
 def evaluate(model_uri: str, data: str) -> dict[str, float]:
-    """Evaluate a model on <data>/test; log metrics (linked to the model and the test data) and
-    plots; tag the registered version(s) the URI names."""
+    """Evaluate a model on <data>/test with the `knn_anomaly` MLflow evaluator (metrics linked to
+    the model and the test data, plots); tag the registered version(s) the URI names."""
     with tempfile.TemporaryDirectory() as tmp, _run("evaluate"):
         root = resolve_data(data, Path(tmp))
-        detector = load_model(model_uri)
-        result = evaluate_detector(detector, root, progress=True)
-        digest = data_digest(root)
         target = registry.model_ref(model_uri)
+        digest = data_digest(root)
         _log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
-        dataset = folder_dataset(root, [s.path for s in result.samples], "test", digest)
-        mlflow.log_input(dataset, context="evaluation")
-        mlflow.log_metrics(result.metrics, model_id=target.model_id, dataset=dataset)
-        for kind, figures in result.per_type.items():
-            mlflow.log_metrics({f"{kind}.{key}": value for key, value in figures.items()}, model_id=target.model_id)
-        mlflow.log_figure(roc_figure(result), "plots/image_roc.png")
-        if result.has_masks:
-            mlflow.log_figure(pro_curve_figure(result), "plots/pro_curve.png")
-        else:
-            mlflow.set_tag("pixel_metrics", "absent: image-level labels only (the data has no ground_truth/ folder)")
-        pixel_t = result.metrics.get("pixel_f1_threshold", detector.thresholds()[1])
-        mlflow.log_figure(overlay_grid(result, pixel_t), "plots/overlays.png")
+        dataset = evaluation_dataset(root, digest)
+        mlflow.log_input(dataset, context="evaluation")  # MLflow's evaluate logs it again, without the context
+        result = mlflow.models.evaluate(
+            model_uri,
+            dataset,
+            model_type=MODEL_TYPE,
+            evaluators=[EVALUATOR_NAME],
+            model_id=target.model_id,
+        )
         for version in target.versions:
             _tag_version(version, result.metrics, digest)
         return result.metrics

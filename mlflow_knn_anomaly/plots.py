@@ -7,10 +7,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
 from .evaluation import Evaluation  # noqa: E402
+from .images import load_image  # noqa: E402
 
 
 def roc_figure(result: Evaluation) -> plt.Figure:
@@ -45,8 +45,7 @@ def overlay_grid(result: Evaluation, pixel_threshold: float, per_type: int = 2) 
     fig, axes = plt.subplots(len(rows), 4, figsize=(8, 2 * len(rows)), squeeze=False)
     vmax = max(float(result.anomaly_maps[i].max()) for i in rows)
     for r, i in enumerate(rows):
-        with Image.open(result.samples[i].path) as image:
-            picture = np.asarray(image.convert("RGB"))
+        picture = np.asarray(load_image(result.samples[i].image))
         score_map = result.anomaly_maps[i]
         truth = result.gt_masks[i] if result.has_masks else np.zeros(score_map.shape, dtype=bool)
         panels = (picture, truth, score_map, score_map >= pixel_threshold)

@@ -189,8 +189,22 @@ def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
     # overrides it all.
     workers = server_workers()
     threads = configure_threads(workers=workers)
+    _log_to_stderr_unless_configured()
     _logger.info("mlflow-knn-anomaly: %d threads per process, %d worker process(es)", threads, workers)
     return SpadePyfuncModel(SpadeDetector.load(data_path))
+
+
+def _log_to_stderr_unless_configured() -> None:
+    """MLflow's scoring server sets up logging for `mlflow` and uvicorn only, so this package's INFO
+    lines (the thread sizing a server operator needs) would be dropped: send them to stderr, in
+    MLflow's format, unless the application has configured logging itself."""
+    package = logging.getLogger(__package__)
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y/%m/%d %H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
 
 
 # ---- save / log / load ----------------------------------------------------------------------------

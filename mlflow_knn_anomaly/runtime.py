@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+THREADS_ENV = "MLFLOW_KNN_ANOMALY_THREADS"
+
 
 def free_cores() -> int:
     """Cores not busy with other work right now (at least 1)."""
@@ -23,7 +25,7 @@ def configure_threads(threads: int | None = None, workers: int = 1) -> int:
     """
     import faiss
 
-    env = os.environ.get("MLFLOW_KNN_ANOMALY_THREADS")
+    env = os.environ.get(THREADS_ENV)
     n = threads or (int(env) if env else max(1, free_cores() // max(1, workers)))
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)

@@ -1,5 +1,6 @@
 import base64
 import io
+import sys
 
 import mlflow
 import numpy as np
@@ -100,3 +101,21 @@ def test_base64_strings_are_accepted_like_bytes(pyfunc, synthetic_root):
 def test_load_model_returns_the_native_detector(model_dir, fitted):
     detector = load_model(str(model_dir))
     assert detector.config == fitted.config
+
+
+class _Terminal(io.StringIO):
+    """A stderr that says it is a terminal: there tqdm (disable=None) draws its bars."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_pyfunc_path_never_draws_a_progress_bar_even_on_a_terminal(model_dir, fitted, synthetic_root, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    paths = [s.path for s in read_test(synthetic_root)][:6]
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}), params={"segment": "all"})
+    assert "batch" not in terminal.getvalue()  # the unit of every bar of this package
+    fitted.predict(paths, segment="none", progress=True)  # where a bar is asked for, this terminal shows it
+    assert "predict: 100%" in terminal.getvalue()

@@ -3,9 +3,12 @@
 import base64
 import io
 import os
+import pty
+import re
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -16,6 +19,7 @@ from PIL import Image
 
 from mlflow_knn_anomaly import decode_mask
 from mlflow_knn_anomaly.datasets import read_test
+from mlflow_knn_anomaly.runtime import THREADS_ENV
 
 from .conftest import encode_image, free_port
 
@@ -46,18 +50,23 @@ def server(model_dir):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
+    try:
+        _wait_until_up(url)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _wait_until_up(url: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         try:
             if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                break
+                return
         except requests.ConnectionError:
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow models serve did not come up in 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    pytest.fail(f"mlflow models serve did not come up in {seconds:.0f} s")
 
 
 def _post(url: str, rows: list, params: dict | None = None, column: str = "image") -> requests.Response:
@@ -162,3 +171,56 @@ def test_concurrent_requests_all_succeed_and_match_sequential_ones(server, synth
     concurrent = [r.json()["predictions"][0] for r in responses]
     assert [r["error"] for r in concurrent] == [""] * len(images)
     assert [r["score"] for r in concurrent] == [r["score"] for r in sequential]
+
+
+SIZING = re.compile(r"mlflow-knn-anomaly: (\d+) threads per process, (\d+) worker process\(es\)")
+
+
+def _drain(fd: int, sink: list[bytes]) -> None:
+    """Read a pseudo-terminal until every writer has closed it (a full one would block the server)."""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the server and its workers are gone
+            return
+        if not chunk:
+            return
+        sink.append(chunk)
+
+
+def test_two_workers_share_the_free_cores_and_draw_no_progress_bar(fitted, synthetic_root, tmp_path):
+    # `-w 2` as the README serves, output on a pseudo-terminal (where tqdm would draw), and the
+    # thread count left to the model: MLFLOW_KNN_ANOMALY_THREADS unset.
+    model = tmp_path / "model"
+    save_model(fitted, model)
+    env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    port, (terminal, follower) = free_port(), pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "-w", "2"],
+        env=env, stdout=follower, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    output: list[bytes] = []
+    reader = threading.Thread(target=_drain, args=(terminal, output), daemon=True)
+    reader.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_up(url)
+        image = _b64(read_test(synthetic_root)[-1].path.read_bytes())
+        assert all(_post(url, [image], {"segment": "all"}).status_code == 200 for _ in range(4))
+        deadline = time.monotonic() + 120  # the second worker may still be loading
+        while len(SIZING.findall(b"".join(output).decode(errors="replace"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        reader.join(timeout=10)
+        os.close(terminal)
+    text = b"".join(output).decode(errors="replace")
+    sizing = [(int(n), int(w)) for n, w in SIZING.findall(text)]
+    per_worker = max(1, len(os.sched_getaffinity(0)) // 2)  # 1 on this project's 2 cores
+    assert len(sizing) == 2, text[-3000:]
+    assert all(workers == 2 and 1 <= threads <= per_worker for threads, workers in sizing), sizing
+    assert "batch" not in text  # the unit of every progress bar of this package

@@ -1,0 +1,304 @@
+"""Every command of README.md's code blocks, run as written, in order, on the shared data.
+
+The blocks are read when the tests are collected, so this file follows the README and cannot
+drift from it. A README placeholder for the user's data (`/data/...`, `part.png`) is replaced
+with shared data (`DATA`, `FILES`); a README `/data/...` folder missing from `DATA` fails. The
+commands share one shell-like sandbox (a copy of the project, one sqlite tracking store), as a
+user's session would; a command that cannot run here is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from mlflow_knn_anomaly import registry
+from mlflow_knn_anomaly.runtime import THREADS_ENV
+
+from .conftest import free_port, shared_dataset
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+NEW_NORMAL = "new normal images"  # built by the sandbox: see `_new_normal_images`
+DATA = {  # README folder -> shared data set (under ../shared/data)
+    "/data/mvtec/bottle": "mvtec_bottle",
+    "/data/bottles": "mvtec_bottle",
+    "/data/tiles": "magnetic_tile",
+    "/data/images": "mvtec_bottle/test/broken_large",
+    "/data/mvtec/bottle-new": NEW_NORMAL,
+}
+FILES = {"part.png": "mvtec_bottle/test/broken_large/000.png"}
+DATA_FOLDER = re.compile(r"(?<![\w./-])/data/[\w./-]*\w")  # not ../shared/data/...
+RUN_ALL = os.environ.get("MLFLOW_KNN_ANOMALY_README_ALL") == "1"
+SKIPS = (  # (pattern of a command, why it does not run here)
+    (r"^(python3 -m venv|\. \.venv/bin/activate|pip install)", "an install: these tests run in the environment "
+     ".ci/run installs with the README's command"),
+    (r"^pytest\b", "the test suite itself (.ci/run runs it): this file is part of it"),
+    (r"^python benchmarks/", "a benchmark of several minutes on 2 cores; benchmarks/README.md gives its figures"),
+)  # fmt: skip
+SLOW = (  # run only with MLFLOW_KNN_ANOMALY_README_ALL=1: beyond this file's budget of ~6 minutes
+    (r"data=/data/tiles", "Magnetic Tile (700 + 640 images) with Lite2 takes minutes on 2 cores"),
+)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One command of a ```bash block (one `&&` part of a line), or one ```python block."""
+
+    line: int
+    language: str
+    text: str
+
+    @property
+    def id(self) -> str:
+        words = self.text.split("\n")[0].replace(" --env-manager local", "").split()
+        return f"L{self.line}-{'_'.join(words)}"[:70]
+
+
+def readme_steps(text: str) -> list[Step]:
+    """The README's commands in order: bash lines joined at `\\`, comments dropped, split at `&&`."""
+    steps = []
+    for block in re.finditer(r"^```(bash|python)\n(.*?)^```", text, flags=re.M | re.S):
+        first = text.count("\n", 0, block.start(2)) + 1
+        if block.group(1) == "python":
+            steps.append(Step(first, "python", block.group(2)))
+            continue
+        for offset, command in _bash_lines(block.group(2)):
+            steps += [Step(first + offset, "bash", part) for part in _split_and(command)]
+    return steps
+
+
+def _bash_lines(block: str) -> list[tuple[int, str]]:
+    lines, start, pending = [], 0, ""
+    for i, line in enumerate(block.splitlines()):
+        if not pending:
+            start = i
+        if line.rstrip().endswith("\\"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        lines.append((start, _strip_comment(pending + line).strip()))
+        pending = ""
+    return [(i, line) for i, line in lines if line]
+
+
+def _unquoted(command: str):
+    """(index, character) of the characters of `command` outside quotes."""
+    quote = None
+    for i, char in enumerate(command):
+        if quote:
+            quote = None if char == quote and command[i - 1] != "\\" else quote
+        elif char in "'\"":
+            quote = char
+        else:
+            yield i, char
+
+
+def _strip_comment(command: str) -> str:
+    for i, char in _unquoted(command):
+        if char == "#" and (i == 0 or command[i - 1].isspace()):
+            return command[:i].rstrip()
+    return command
+
+
+def _split_and(command: str) -> list[str]:
+    parts, start = [], 0
+    for i, _ in _unquoted(command):
+        if command.startswith(" && ", i):
+            parts.append(command[start:i].strip())
+            start = i + 4
+    return [*parts, command[start:].strip()]
+
+
+STEPS = readme_steps(README.read_text())
+
+
+class Sandbox:
+    """A user's session: a copy of the project as the working directory, one tracking store, the
+    shared data in place of the README's placeholders, and a server while one is up."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.data = shared_dataset("mvtec_bottle").parent
+        self.cwd = _copy_project(tmp / "project")
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        experiment = self.client.create_experiment("readme", artifact_location=str(tmp / "artifacts"))
+        self.env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}  # the product's own sizing
+        self.env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_ID=experiment)
+        self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env['PATH']}"
+        self.new_normal = _new_normal_images(self.data / "mvtec_bottle", tmp / "bottle-new")
+        self.port = free_port()
+        self.server: subprocess.Popen | None = None
+        self.server_log = tmp / "server.log"
+
+    def localize(self, text: str) -> str:
+        """The command with shared data for the README's placeholders."""
+
+        def folder(match: re.Match) -> str:
+            name = match.group(0)
+            assert name in DATA, f"README uses {name}: map it to a shared data set in DATA"
+            return str(self.new_normal if DATA[name] == NEW_NORMAL else self.data / DATA[name])
+
+        text = DATA_FOLDER.sub(folder, text)
+        for placeholder, shared in FILES.items():
+            text = text.replace(placeholder, str(self.data / shared))
+        if "m-<id>" in text:  # the newest version's logged model
+            latest = max(self.client.search_model_versions("name='bottle'"), key=lambda v: int(v.version))
+            text = text.replace("m-<id>", latest.source.removeprefix("models:/"))
+        return text.replace("5001", str(self.port))
+
+    def run(self, step: Step) -> subprocess.CompletedProcess:
+        if self.server is not None and "5001" not in step.text:
+            self.stop_server()
+        command = self.localize(step.text)
+        if step.language == "python":
+            script = self.tmp / f"readme_{step.line}.py"
+            script.write_text(command)
+            args = [sys.executable, str(script)]
+        else:
+            args = ["bash", "-c", command]
+        if command.startswith("mlflow models serve"):
+            return self.start_server(args)
+        done = subprocess.run(args, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        return done
+
+    def start_server(self, args: list[str]) -> subprocess.CompletedProcess:
+        with self.server_log.open("w") as log:
+            self.server = subprocess.Popen(args, cwd=self.cwd, env=self.env, stdout=log, stderr=log)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.server.poll() is None:
+            try:
+                if requests.get(f"http://127.0.0.1:{self.port}/ping", timeout=1).status_code == 200:
+                    return subprocess.CompletedProcess(args, 0, "", self.server_log.read_text())
+            except requests.ConnectionError:
+                time.sleep(1)
+        pytest.fail(f"the server did not come up:\n{self.server_log.read_text()[-4000:]}")
+
+    def stop_server(self) -> None:
+        if self.server is not None:
+            self.server.send_signal(signal.SIGTERM)
+            self.server.wait(timeout=60)
+            self.server = None
+
+    def champion(self) -> str:
+        return str(self.client.get_model_version_by_alias("bottle", "champion").version)
+
+
+def _copy_project(target: Path) -> Path:
+    """What a clone holds (tracked and new, unignored files): outputs land here, not in the repo."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    return target
+
+
+def _new_normal_images(bottle: Path, root: Path, count: int = 20) -> Path:
+    """An MVTec-layout folder of new normal images for update_bank: the shared sets hold no second
+    batch of bottles, so it links the last `count` of bottle's training images."""
+    good = root / "train" / "good"
+    good.mkdir(parents=True)
+    for path in sorted((bottle / "train" / "good").glob("*.png"))[-count:]:
+        (good / path.name).symlink_to(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    box = Sandbox(tmp_path_factory.mktemp("readme"))
+    try:
+        yield box
+    finally:
+        box.stop_server()
+
+
+def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess) -> None:
+    """What the README says the command does, beyond its exit status."""
+    text = step.text
+    if "-e promote" in text:
+        assert sandbox.champion() == "2"
+    elif "-e rollback" in text:
+        assert sandbox.champion() == "1"
+    elif "-e update_bank" in text:
+        newest = max(sandbox.client.search_model_versions("name='bottle'"), key=lambda v: int(v.version))
+        assert newest.tags["parent.version"] == sandbox.champion()
+    elif "-e evaluate" in text:
+        uri = re.search(r"model_uri=(\S+)", sandbox.localize(text)).group(1)
+        with _tracking(sandbox.env["MLFLOW_TRACKING_URI"]):
+            versions = registry.model_ref(uri).versions
+        tags = [sandbox.client.get_model_version(v.name, v.version).tags for v in versions]
+        assert tags and all("eval.aupro" in t for t in tags)
+    elif text.startswith("mlflow models serve"):
+        assert "2 worker process(es)" in done.stderr
+    elif text.startswith("curl"):
+        row = json.loads(done.stdout)["predictions"][0]
+        assert row["error"] == "" and row["mask"]
+    elif "score" in text.split()[:3] or "-e score" in text:
+        scores = pd.read_parquet(sandbox.cwd / "scores.parquet")
+        assert len(scores) == 20 and (scores["error"] == "").all()
+    elif step.language == "python" and "5001" in text:
+        assert (sandbox.cwd / "overlay.png").is_file()
+
+
+@contextmanager
+def _tracking(uri: str):
+    """The sandbox's tracking store as this process's, for the duration of a check."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+
+
+def _skip_reason(step: Step) -> str | None:
+    if step.language == "python" and "5001" not in step.text:
+        return "a Python API example, not a command: tests/test_spade.py and tests/test_evaluator.py run its calls"
+    for pattern, reason in SKIPS + (() if RUN_ALL else SLOW):
+        if re.search(pattern, step.text):
+            return reason + ("" if (pattern, reason) in SKIPS else " (MLFLOW_KNN_ANOMALY_README_ALL=1 runs it)")
+    return None
+
+
+@pytest.mark.parametrize("step", STEPS, ids=[s.id for s in STEPS])
+def test_readme_command_runs_as_written(sandbox, step):
+    reason = _skip_reason(step)
+    if reason:
+        pytest.skip(reason)
+    _check(sandbox, step, sandbox.run(step))
+
+
+def test_the_readme_has_commands_for_every_entry_point():
+    commands = " ".join(s.text for s in STEPS)
+    for entry_point in ("build_bank", "update_bank", "evaluate", "promote", "rollback", "score"):
+        assert f"-e {entry_point}" in commands, entry_point
+    for uri in ("models:/bottle/2", "models:/bottle@champion", "models:/m-<id>"):
+        assert f"model_uri={uri}" in commands, uri
+    assert re.search(r"mlflow models serve .* -w 2", commands)
+
+
+def test_every_readme_data_folder_maps_to_a_shared_data_set():
+    used = set(DATA_FOLDER.findall(README.read_text()))
+    assert used <= set(DATA), used - set(DATA)
