@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from mlflow_knn_anomaly import decode_mask
+from mlflow_knn_anomaly import decode_mask, save_model
 from mlflow_knn_anomaly.datasets import read_test
 from mlflow_knn_anomaly.runtime import THREADS_ENV
 
