@@ -74,7 +74,7 @@ def test_metrics_are_linked_to_the_logged_model_and_the_dataset_even_through_an_
 def test_validate_evaluation_results_passes_a_better_candidate_and_fails_a_worse_one(results):
     champion, candidate = results["models:/parts@champion"], results["models:/parts/2"]
     gate = {
-        "aupro": MetricThreshold(min_absolute_change=0.01, greater_is_better=True),
+        "aupro": MetricThreshold(min_absolute_change=0.001, greater_is_better=True),
         "image_auroc": MetricThreshold(threshold=0.9, greater_is_better=True),
     }
     mlflow.validate_evaluation_results(gate, candidate_result=candidate, baseline_result=champion)
@@ -129,13 +129,13 @@ def test_evaluator_config_renames_columns_and_refuses_unknown_keys(results, fram
     renamed = pd.concat([frame[frame["label"]].iloc[:1], frame[~frame["label"]].iloc[:2]])
     renamed = renamed.rename(columns={"image": "picture"}).reset_index(drop=True)
     result = mlflow.models.evaluate(
-        "models:/parts/2", renamed, model_type=MODEL_TYPE, evaluators=[EVALUATOR_NAME],
+        "models:/parts/2", renamed, model_type=MODEL_TYPE, evaluators=EVALUATOR_NAME,
         evaluator_config={"image_col": "picture"},
     )  # fmt: skip
     assert "aupro" in result.metrics
     with pytest.raises(MlflowException, match=r"unknown evaluator_config keys \['image_column'\]"):
         mlflow.models.evaluate(
-            "models:/parts/2", renamed, model_type=MODEL_TYPE, evaluators=[EVALUATOR_NAME],
+            "models:/parts/2", renamed, model_type=MODEL_TYPE, evaluators=EVALUATOR_NAME,
             evaluator_config={"image_column": "picture"},
         )  # fmt: skip
 
