@@ -110,6 +110,8 @@ def team():
     # Not pytest's tmp_path: its 0700 parents would keep the postgres user out.
     home = Path(tempfile.mkdtemp(prefix="mlflow-team-"))
     env = dict(os.environ, MLFLOW_TEAM_DIR=str(home), MLFLOW_KNN_ANOMALY_THREADS="1", MLFLOW_WORKERS="1")
+    # Short-lived JVMs on 2 cores: the quick JIT tier and one GC thread cost less CPU than C2 and parallel GC.
+    env["JDK_JAVA_OPTIONS"] = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.update({k: str(free_port()) for k in ("PG_PORT", "S3_PORT", "MLFLOW_PORT", "SPARK_PORT")})
     team = Team(home, env)
