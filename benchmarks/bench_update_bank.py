@@ -55,7 +55,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for label, key in METRICS.items():
         a, b = scores["a"][key], scores["b"][key]
-        print(f"| {label} | {a:.4f} | {b:.4f} | {b - a:+.4f} |")
+        print(f"| {label} | {a:.4f} | {b:.4f} | {b - a:+.5f} |")
 
 
 if __name__ == "__main__":
