@@ -10,8 +10,9 @@ defect; None for normal images). It logs what the `evaluate` job logs: the metri
 `<type>.<metric>`, and plots/image_roc.png, plots/pro_curve.png (with masks), plots/overlays.png.
 Metrics are linked to the logged model and the evaluation dataset, so
 `mlflow.validate_evaluation_results` can gate a candidate against a baseline on any of them.
-Column names can be changed through `evaluator_config` (`image_col`, `label_col`, `mask_col`,
-`defect_type_col`).
+Column names can be changed through the evaluator's config (keys `image_col`, `label_col`,
+`mask_col`, `defect_type_col`): `evaluators="knn_anomaly", evaluator_config={"image_col": "picture"}`,
+or with a list of evaluators, `evaluator_config={"knn_anomaly": {"image_col": "picture"}}`.
 """
 
 from __future__ import annotations
