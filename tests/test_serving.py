@@ -1,6 +1,7 @@
 """A real `mlflow models serve` process on 127.0.0.1: good images, every kind of bad input."""
 
 import base64
+import fcntl
 import io
 import os
 import pty
@@ -8,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import zlib
@@ -196,6 +198,7 @@ def test_two_workers_share_the_free_cores_and_draw_no_progress_bar(fitted, synth
     env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}
     env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
     port, (terminal, follower) = free_port(), pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing in 0 columns
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
          "--host", "127.0.0.1", "--port", str(port), "-w", "2"],
