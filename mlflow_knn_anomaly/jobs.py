@@ -70,7 +70,7 @@ def build_bank(
         root = resolve_data(data, Path(tmp))
         images = _readable_train_images(root, skip_bad)
         split_holdout(images, config)  # too few images fails here, before any work
-        _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
+        _log_config(config)
         _log_new_params({"data": data, "n_train_images": len(images)})
         mlflow.log_input(folder_dataset(root, images, "train"), context="training")
         start = time.perf_counter()
@@ -101,7 +101,7 @@ def update_bank(model_uri: str, data: str, model_name: str | None = None, skip_b
         images = _readable_train_images(root, skip_bad)
         detector = load_model(model_uri)
         _log_new_params({"parent_model_uri": model_uri, "data": data, "n_new_images": len(images)})
-        _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in detector.config.to_dict().items()})
+        _log_config(detector.config)
         mlflow.log_input(folder_dataset(root, images, "train"), context="training")
         start = time.perf_counter()
         updated = detector.update(images, progress=True)
@@ -240,6 +240,10 @@ def lifecycle(
         decision = registry.promote(model_name, version, metric=metric, min_delta=min_delta)
         mlflow.set_tags({"promotion.decision": "promoted" if decision.promoted else "kept", "version": version})
         return decision
+
+
+def _log_config(config: SpadeConfig) -> None:
+    _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
 
 
 def _log_new_params(params: dict) -> None:

