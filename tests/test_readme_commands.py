@@ -264,6 +264,7 @@ def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess) -> N
 @contextmanager
 def _tracking(uri: str):
     """The sandbox's tracking store as this process's, for the duration of a check."""
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
@@ -271,6 +272,11 @@ def _tracking(uri: str):
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+        for name, value in saved.items():  # set_*_uri export these, and None does not clear them
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _skip_reason(step: Step) -> str | None:
