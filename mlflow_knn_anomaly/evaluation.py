@@ -18,7 +18,7 @@ import numpy as np
 from . import metrics
 from .datasets import NORMAL, read_mask, read_test
 from .images import ImageLike
-from .spade import SpadeDetector
+from .spade import Prediction, SpadeDetector
 
 ANOMALIB_SIZE = 256
 PIXEL_METRICS = ("pixel_auroc", "aupro", "pixel_f1_threshold", "pixel_f1", "pixel_auroc_256", "aupro_256")
@@ -114,21 +114,9 @@ def evaluate_samples(
     headline = _figures(labels, prediction.scores, gt, maps)
     if gt is not None:
         headline.update(_anomalib_protocol(gt, maps))
-    headline["knn_image_auroc"] = metrics.image_auroc(labels, prediction.knn_scores)
-    headline["map_image_auroc"] = metrics.image_auroc(labels, prediction.map_scores)
-    headline["stage2_share"] = float(np.mean(prediction.candidates))
-    headline["stage2_share_normal"] = float(np.mean(prediction.candidates[~labels]))
-    headline["stage2_share_anomalous"] = float(np.mean(prediction.candidates[labels]))
+    headline.update(_stage_figures(labels, prediction))
     headline["seconds_per_image_all_segmented"] = seconds / len(samples)
-    per_type = {}
-    for kind in sorted({s.defect_type for s in samples} - {NORMAL}):
-        keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, NORMAL)]
-        per_type[kind] = _figures(
-            labels[keep],
-            prediction.scores[keep],
-            [gt[i] for i in keep] if gt is not None and per_type_pixels else None,
-            [maps[i] for i in keep],
-        )
+    per_type = _per_type(samples, labels, prediction.scores, gt if per_type_pixels else None, maps)
     return Evaluation(
         metrics=headline,
         per_type=per_type,
@@ -140,6 +128,33 @@ def evaluate_samples(
         gt_masks=gt,
         pro=None if gt is None else metrics.pro_curve(gt, maps),
     )
+
+
+def _stage_figures(labels: np.ndarray, prediction: Prediction) -> dict[str, float]:
+    """Each stage's own image ROCAUC, and the shares of images the gate sent to stage 2."""
+    return {
+        "knn_image_auroc": metrics.image_auroc(labels, prediction.knn_scores),
+        "map_image_auroc": metrics.image_auroc(labels, prediction.map_scores),
+        "stage2_share": float(np.mean(prediction.candidates)),
+        "stage2_share_normal": float(np.mean(prediction.candidates[~labels])),
+        "stage2_share_anomalous": float(np.mean(prediction.candidates[labels])),
+    }
+
+
+def _per_type(
+    samples: list[LabelledImage],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    gt: list[np.ndarray] | None,
+    maps: list[np.ndarray],
+) -> dict[str, dict[str, float]]:
+    """The figures of each defect type against all normal images (pixel figures only with `gt`)."""
+    per_type = {}
+    for kind in sorted({s.defect_type for s in samples} - {NORMAL}):
+        keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, NORMAL)]
+        kept_gt = None if gt is None else [gt[i] for i in keep]
+        per_type[kind] = _figures(labels[keep], scores[keep], kept_gt, [maps[i] for i in keep])
+    return per_type
 
 
 def _anomalib_protocol(gt: list[np.ndarray], maps: list[np.ndarray]) -> dict[str, float]:
