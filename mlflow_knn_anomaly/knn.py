@@ -14,11 +14,11 @@ import torch
 
 from .config import IMAGE_INDEXES
 
-# Bytes of one (queries x gallery) distance block per feature channel, capped. Few channels make
-# the GEMM memory-bound: cache-sized blocks (1.5 MiB at C=24) ran 2-5x faster than 64 MiB ones.
-# Many channels make it compute-bound, where taller blocks (16 MiB at C=256) ran 2x faster.
-BLOCK_BYTES_PER_CHANNEL = 64 * 2**10
-MAX_BLOCK_BYTES = 32 * 2**20
+# Query rows per GEMM block. 128 rows ran fastest (or within noise of it) at every layer of the
+# Lite0 and WideResNet-50-2 pyramids on 1 and 2 threads (galleries of 12k-20k rows, 24-1024
+# channels; benchmarks/README.md, "Stage 2 on the CPU"): thinner blocks starve the GEMM, taller
+# ones spill the distance block out of cache.
+QUERY_ROWS = 128
 
 
 class ImageIndex:
@@ -69,8 +69,11 @@ class ImageIndex:
 def pixel_knn(query: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:
     """Mean distance of each query feature to its `kappa` nearest gallery features (exact).
 
-    Squared distances come from ||q||^2 + ||g||^2 - 2 q.g, one GEMM per chunk of queries; the
-    gallery is never split, so no remainder is dropped and memory stays bounded.
+    Squared distances are ||q||^2 + ||g||^2 - 2 q.g. One GEMM per block of queries gives the last
+    two terms at once: each gallery row gains its squared norm as an extra column and each query
+    row a matching 1 (so no pass adds the norms to the block). The gallery is never split, so no
+    remainder is dropped and memory stays bounded; ||q||^2 is constant along a row, so it is added
+    after the min.
 
     Args:
         query: (P, C) float32 query pixel features.
@@ -82,19 +85,17 @@ def pixel_knn(query: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.T
     """
     if kappa > gallery.shape[0]:
         raise ValueError(f"kappa={kappa} exceeds the {gallery.shape[0]} gallery features.")
-    g_sq = gallery.pow(2).sum(dim=1)
-    block_bytes = min(MAX_BLOCK_BYTES, BLOCK_BYTES_PER_CHANNEL * gallery.shape[1])
-    chunk = max(1, block_bytes // (4 * gallery.shape[0]))
+    ones = torch.ones(query.shape[0], 1, dtype=query.dtype, device=query.device)
+    query_ext = torch.cat([query * -2.0, ones], dim=1)
+    gallery_ext = torch.cat([gallery, gallery.pow(2).sum(dim=1, keepdim=True)], dim=1)
+    q_sq = query.pow(2).sum(dim=1, keepdim=True)
     out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
-    gallery_t = gallery.t()
-    for start in range(0, query.shape[0], chunk):
-        q = query[start : start + chunk]
-        # ||q||^2 is constant along a row, so it is added after the min: one pass less over the block.
-        partial = torch.addmm(g_sq.unsqueeze(0), q, gallery_t, beta=1.0, alpha=-2.0)
+    for start in range(0, query.shape[0], QUERY_ROWS):
+        rows = slice(start, start + QUERY_ROWS)
+        partial = query_ext[rows] @ gallery_ext.t()  # ||g||^2 - 2 q.g
         if kappa == 1:
             nearest = partial.amin(dim=1, keepdim=True)
         else:
             nearest = partial.topk(kappa, dim=1, largest=False).values
-        sq_dist = nearest + q.pow(2).sum(dim=1, keepdim=True)
-        out[start : start + chunk] = sq_dist.clamp_min_(0.0).sqrt_().mean(dim=1)
+        out[rows] = (nearest + q_sq[rows]).clamp_min_(0.0).sqrt_().mean(dim=1)
     return out

@@ -10,7 +10,7 @@ from mlflow_knn_anomaly.knn import ImageIndex, pixel_knn
 def test_pixel_knn_equals_brute_force_with_a_remainder_chunk(monkeypatch, kappa):
     gen = torch.Generator().manual_seed(0)
     query, gallery = torch.randn(103, 16, generator=gen), torch.randn(250, 16, generator=gen)
-    monkeypatch.setattr(knn, "MAX_BLOCK_BYTES", 4 * 250 * 10)  # 10 queries a chunk: 103 leaves 3
+    monkeypatch.setattr(knn, "QUERY_ROWS", 10)  # 103 queries leave a block of 3
     expected = torch.cdist(query.double(), gallery.double()).topk(kappa, largest=False).values.mean(1)
     torch.testing.assert_close(pixel_knn(query, gallery, kappa).double(), expected, rtol=1e-4, atol=1e-4)
 
