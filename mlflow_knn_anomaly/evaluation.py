@@ -111,7 +111,8 @@ def evaluate_samples(
     maps = prediction.anomaly_maps
     labels = np.array([s.is_anomalous for s in samples])
     gt = _ground_truth(samples, maps) if with_masks else None
-    headline = _figures(labels, prediction.scores, gt, maps)
+    pro = None if gt is None else metrics.pro_curve(gt, maps)
+    headline = _figures(labels, prediction.scores, gt, maps, pro)
     if gt is not None:
         headline.update(_anomalib_protocol(gt, maps))
     headline.update(_stage_figures(labels, prediction))
@@ -126,7 +127,7 @@ def evaluate_samples(
         map_scores=prediction.map_scores,
         anomaly_maps=maps,
         gt_masks=gt,
-        pro=None if gt is None else metrics.pro_curve(gt, maps),
+        pro=pro,
     )
 
 
@@ -196,19 +197,16 @@ def _name(sample: LabelledImage, index: int) -> str:
 
 
 def _figures(
-    labels: np.ndarray, scores: np.ndarray, gt: list[np.ndarray] | None, maps: list[np.ndarray]
+    labels: np.ndarray,
+    scores: np.ndarray,
+    gt: list[np.ndarray] | None,
+    maps: list[np.ndarray],
+    pro: metrics.ProCurve | None = None,
 ) -> dict[str, float]:
+    """Image figures, and pixel figures with `gt` (AUPRO from `pro` when it is already computed)."""
     image_t, image_f1 = metrics.f1_optimal_threshold(labels, scores)
     figures = {"image_auroc": metrics.image_auroc(labels, scores), "image_f1_threshold": image_t, "image_f1": image_f1}
     if gt is None:
         return figures
-    truth = np.concatenate([g.ravel() for g in gt])
-    flat = np.concatenate([m.ravel() for m in maps])
-    pixel_t, pixel_f1 = metrics.f1_optimal_threshold(truth, flat)
-    return {
-        **figures,
-        "pixel_auroc": metrics.pixel_auroc(gt, maps),
-        "aupro": metrics.aupro(gt, maps),
-        "pixel_f1_threshold": pixel_t,
-        "pixel_f1": pixel_f1,
-    }
+    aupro = (pro or metrics.pro_curve(gt, maps)).aupro
+    return {**figures, **metrics.pixel_roc_figures(gt, maps), "aupro": aupro}
