@@ -58,3 +58,13 @@ def test_rollback_without_previous_is_a_clear_error(client, tmp_path):
     registry.promote("m", _version(client, tmp_path, 0.9))
     with pytest.raises(ValueError, match="no 'previous' alias"):
         registry.rollback("m")
+
+
+def test_model_ref_resolves_a_version_an_alias_and_a_logged_model_to_the_same_version(client):
+    logged = mlflow.initialize_logged_model(name="detector")
+    client.create_model_version("m", source=f"models:/{logged.model_id}", model_id=logged.model_id)
+    client.set_registered_model_alias("m", "champion", "1")
+    for uri in ("models:/m/1", "models:/m@champion", f"models:/{logged.model_id}"):
+        ref = registry.model_ref(uri)
+        assert (ref.model_id, [str(v.version) for v in ref.versions]) == (logged.model_id, ["1"]), uri
+    assert registry.model_ref("runs:/abc/model").versions == []
