@@ -10,13 +10,13 @@ the package on PYTHONPATH (the API used is `SpadeDetector().fit(paths)` and `pre
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
+from fitted import data_parser, fitted_detector
+
 from mlflow_knn_anomaly import SpadeDetector
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.runtime import configure_threads
+from mlflow_knn_anomaly.datasets import read_test
 
 
 def stream(normal: list[Path], anomalous: list[Path], length: int) -> list[Path]:
@@ -32,13 +32,10 @@ def ms_per_image(detector: SpadeDetector, paths: list[Path], segment: str) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = data_parser(__doc__)
     parser.add_argument("--length", type=int, default=100)
     args = parser.parse_args()
-    threads = configure_threads(args.threads)
-    detector = SpadeDetector().fit(read_train(args.data))
+    threads, detector = fitted_detector(args)
     samples = read_test(args.data)
     normal = [s.path for s in samples if not s.is_anomalous]
     anomalous = [s.path for s in samples if s.is_anomalous]

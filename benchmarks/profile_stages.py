@@ -12,22 +12,21 @@ encoding. Steps run in the order `predict` runs them, on the same tensors.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from fitted import data_parser, fitted_detector
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from mlflow_knn_anomaly import SpadeDetector, anomaly_map
-from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.datasets import read_test
 from mlflow_knn_anomaly.images import load_image, prepare
 from mlflow_knn_anomaly.knn import pixel_knn
 from mlflow_knn_anomaly.pyfunc_model import encode_mask
-from mlflow_knn_anomaly.runtime import configure_threads
 
 
 class Clock:
@@ -71,13 +70,10 @@ STAGE1 = ("decode", "preprocess", "backbone", "stage-1 search")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=None)
+    parser = data_parser(__doc__)
     parser.add_argument("--images", type=int, default=30)
     args = parser.parse_args()
-    threads = configure_threads(args.threads)
-    det = SpadeDetector().fit(read_train(args.data))
+    threads, det = fitted_detector(args)
     paths = [s.path for s in read_test(args.data)]
     paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(args.images, len(paths))).round().astype(int)]
     profile_image(det, paths[0], Clock())  # warm-up
