@@ -19,9 +19,13 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 def pixel_auroc(masks: list[np.ndarray], maps: list[np.ndarray]) -> float:
     """ROCAUC over every pixel of every image; masks and maps are (H_i, W_i) pairs."""
+    return float(roc_auc_score(*_pixels(masks, maps)))
+
+
+def _pixels(masks: list[np.ndarray], maps: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's (bool truth, float32 score), the images one after the other."""
     truth = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
-    scores = np.concatenate([np.asarray(s, dtype=np.float32).ravel() for s in maps])
-    return float(roc_auc_score(truth, scores))
+    return truth, np.concatenate([np.asarray(s, dtype=np.float32).ravel() for s in maps])
 
 
 def pixel_roc_figures(masks: list[np.ndarray], maps: list[np.ndarray]) -> dict[str, float]:
@@ -31,8 +35,7 @@ def pixel_roc_figures(masks: list[np.ndarray], maps: list[np.ndarray]) -> dict[s
     Returns:
         {"pixel_auroc", "pixel_f1_threshold", "pixel_f1"}.
     """
-    truth = np.concatenate([np.asarray(m, dtype=bool).ravel() for m in masks])
-    scores = np.concatenate([np.asarray(s, dtype=np.float32).ravel() for s in maps])
+    truth, scores = _pixels(masks, maps)
     fpr, tpr, thresholds = roc_curve(truth, scores, drop_intermediate=False)
     positives = truth.sum()
     tp, fp = tpr * positives, fpr * (truth.size - positives)

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import mlflow
 import pytest
 from PIL import Image
 
@@ -11,6 +15,33 @@ from mlflow_knn_anomaly import SpadeDetector
 from mlflow_knn_anomaly.datasets import make_synthetic, read_train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uri_variables_restored() -> Iterator[None]:
+    """Every test leaves MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI as it found them: `mlflow.set_*_uri`
+    export them for subprocesses and `set_*_uri(None)` does not clear them, so a store one test set
+    would otherwise be the next test's (MLflow's in-process settings are left to the fixtures)."""
+    saved = {name: os.environ.get(name) for name in MLFLOW_URI_VARIABLES}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@contextmanager
+def mlflow_store(uri: str) -> Iterator[None]:
+    """This process's MLflow tracking and registry store is `uri` inside the block."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
 
 
 def shared_dataset(name: str) -> Path:

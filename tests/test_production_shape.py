@@ -34,7 +34,7 @@ from mlflow import MlflowClient
 
 from mlflow_knn_anomaly.runtime import configure_threads
 
-from .conftest import free_port, shared_dataset
+from .conftest import free_port, mlflow_store, shared_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "deploy" / "services.sh"
@@ -163,15 +163,6 @@ def _alias(client, alias: str) -> str:
 
 
 @contextlib.contextmanager
-def _tracking(uri: str):
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(None)
-
-
-@contextlib.contextmanager
 def _served(team: Team, model_uri: str, log: Path):
     """`mlflow models serve` on a free 127.0.0.1 port; its whole process group is stopped after."""
     port = free_port()
@@ -205,7 +196,7 @@ def _in_process(team: Team, model_uri: str, paths: list[Path]) -> pd.DataFrame:
     """pyfunc predict in this process, the model fetched from the tracking server."""
     threads = torch.get_num_threads()
     try:
-        with _tracking(team.tracking_uri):
+        with mlflow_store(team.tracking_uri):
             model = mlflow.pyfunc.load_model(model_uri)
         return model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}))
     finally:
@@ -253,7 +244,7 @@ def _check_spark_bank(team: Team, data: Path, local_uri: str) -> None:
     """`build-bank --spark-master` on the cluster registers a bank byte-identical to a local build's."""
     args = ("--data", str(data), "--model-name", f"{NAME}-spark", *(f"--{k}={v}" for k, v in V1.items()))
     version = _cli(team, "build-bank", *args, "--spark-master", team.spark_master)["version"]
-    with _tracking(team.tracking_uri):
+    with mlflow_store(team.tracking_uri):
         local, remote = (
             json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/data/detector/config.json")).read_text())
             for uri in (local_uri, f"models:/{NAME}-spark/{version}")

@@ -17,11 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import requests
@@ -30,7 +28,7 @@ from mlflow import MlflowClient
 from mlflow_knn_anomaly import registry
 from mlflow_knn_anomaly.runtime import THREADS_ENV
 
-from .conftest import free_port, shared_dataset
+from .conftest import free_port, mlflow_store, shared_dataset
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,7 +242,7 @@ def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess) -> N
         assert newest.tags["parent.version"] == sandbox.champion()
     elif "-e evaluate" in text:
         uri = re.search(r"model_uri=(\S+)", sandbox.localize(text)).group(1)
-        with _tracking(sandbox.env["MLFLOW_TRACKING_URI"]):
+        with mlflow_store(sandbox.env["MLFLOW_TRACKING_URI"]):
             versions = registry.model_ref(uri).versions
         tags = [sandbox.client.get_model_version(v.name, v.version).tags for v in versions]
         assert tags and all("eval.aupro" in t for t in tags)
@@ -258,24 +256,6 @@ def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess) -> N
         assert len(scores) == 20 and (scores["error"] == "").all()
     elif step.language == "python" and "5001" in text:
         assert (sandbox.cwd / "overlay.png").is_file()
-
-
-@contextmanager
-def _tracking(uri: str):
-    """The sandbox's tracking store as this process's, for the duration of a check."""
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-        for name, value in saved.items():  # set_*_uri export these, and None does not clear them
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _skip_reason(step: Step) -> str | None:

@@ -9,7 +9,6 @@ from mlflow_knn_anomaly import registry
 def client(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient()
     client.create_registered_model("m")
