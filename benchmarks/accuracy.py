@@ -49,6 +49,7 @@ VARIANTS: dict[str, dict] = {
     "gate_0.95": {"gate_recall": 0.95},
     "gate_0.9": {"gate_recall": 0.9},
     "stage1_pyramid": {"stage1_feature": "pyramid"},
+    "gallery_last": {"gallery_feature": "last"},
     "fusion_max": {"score_fusion": "max"},
     "fusion_mean": {"score_fusion": "mean"},
     "fusion_map": {"score_fusion": "map"},
@@ -62,6 +63,7 @@ VARIANTS: dict[str, dict] = {
     "margin32": {"score_margin": 32},
     "r224": {"resize": 224, "score_margin": 14},
     "r320": {"resize": 320, "score_margin": 20},
+    "r384": {"resize": 384, "score_margin": 24},
     "lite1": {"backbone": "efficientnet_lite1"},
     "lite2": {"backbone": "efficientnet_lite2"},
 }

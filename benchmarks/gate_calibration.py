@@ -20,7 +20,6 @@ from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
 from mlflow_knn_anomaly.calibration import recall_gate, synthetic_anomalies
 from mlflow_knn_anomaly.datasets import read_train
 from mlflow_knn_anomaly.images import load_image
-from mlflow_knn_anomaly.knn import ImageIndex
 from mlflow_knn_anomaly.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
 from mlflow_knn_anomaly.spade import split_holdout
@@ -45,8 +44,7 @@ def main() -> None:
         labels = scores["labels"].astype(bool)
         detector = SpadeDetector(SpadeConfig())
         bank_items, holdout = split_holdout(read_train(SHARED / name), detector.config)
-        detector.bank = detector.build_bank(bank_items)
-        detector.index = ImageIndex("flat").fit(detector.bank.pooled)
+        detector.use_bank(detector.build_bank(bank_items))
         images = [load_image(item) for item in holdout]
         normal = detector.stage1_scores(images)
         z_knn = (scores["knn"] - stats["knn_mean"]) / stats["knn_std"]

@@ -32,7 +32,13 @@ FORMAT_VERSION = 3  # 2: ragged bank rows (aspect-kept inputs); 3: calibration a
 READABLE_FORMATS = (2, 3)
 # Settings added since format 2 first shipped, with the value that reproduces a model saved before
 # them (its thresholds were calibrated that way); a newer default must not change an old model.
-ADDED_SETTINGS = {"layer_combine": "mean", "scale_gallery": False, "stage1_feature": "last", "score_fusion": "map"}
+ADDED_SETTINGS = {
+    "layer_combine": "mean",
+    "scale_gallery": False,
+    "stage1_feature": "last",
+    "gallery_feature": "last",
+    "score_fusion": "map",
+}
 # Format 2 kept the fitted state among the settings; `candidate_threshold` is now the gate.
 FORMAT2_FITTED = {
     "image_threshold": "image_threshold",

@@ -20,7 +20,7 @@ LAYER_COMBINES = ("mean", "geometric")
 SCORE_MODES = ("knn", "two_stage")
 IMAGE_INDEXES = ("flat", "hnsw", "ivf")
 BANK_DTYPES = ("float16", "float32")
-STAGE1_FEATURES = ("last", "pyramid")
+GLOBAL_FEATURES = ("last", "pyramid")
 SCORE_FUSIONS = ("map", "max", "mean")
 DEVICES = ("auto", "cpu", "cuda")
 # A threshold given by the user instead of the calibrated one; MLproject spells "none given" so.
@@ -44,6 +44,9 @@ class SpadeConfig:
         stage1_feature: the global descriptor of stage 1: "last" (the paper's average-pooled
             last layer) or "pyramid" (that feature joined with the average-pooled stage-2 layers,
             each block scaled to unit mean norm).
+        gallery_feature: the global descriptor ("last" or "pyramid", as above) by which the
+            nearest normal images are chosen for stage 2's gallery; stage 1 still scores the image
+            by `stage1_feature`. "pyramid" picks images alike in every layer the map compares.
         scale_gallery: a coarser layer's gallery takes the pixels of (stride / finest stride)^2
             times as many nearest images (capped at the bank), so every layer's gallery holds
             about as many features; a coarse layer has few features per image, so this is cheap.
@@ -88,6 +91,7 @@ class SpadeConfig:
     keep_aspect: bool = True
     k_images: int = 5
     stage1_feature: str = "last"
+    gallery_feature: str = "pyramid"
     scale_gallery: bool = True
     kappa: int = 1
     sigma: float = 2.0
@@ -236,7 +240,8 @@ CONSTRAINTS = {
     "crop": _integer(0),
     "keep_aspect": _boolean,
     "k_images": _integer(1),
-    "stage1_feature": _choice(STAGE1_FEATURES),
+    "stage1_feature": _choice(GLOBAL_FEATURES),
+    "gallery_feature": _choice(GLOBAL_FEATURES),
     "scale_gallery": _boolean,
     "kappa": _integer(1),
     "sigma": _number(0.0, math.inf),

@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import anomaly_map, artifacts
+from .backbone_specs import BACKBONES
 from .backbones import Backbone, FeaturePyramid, build_backbone
 from .bank import FeatureBank
 from .calibration import Calibration, control_limit, recall_gate, score_stats, synthetic_anomalies
@@ -70,7 +71,8 @@ class SpadeDetector:
         backbone = backbone or build_backbone(self.config.backbone, self.config.weights, self.config.pyramid)
         self.backbone = backbone.to(self.device)
         self.bank: FeatureBank | None = None
-        self.index: ImageIndex | None = None
+        self.index: ImageIndex | None = None  # stage 1, over the bank's stage-1 descriptors
+        self.gallery_index: ImageIndex | None = None  # the gallery's images, when another descriptor picks them
         self.calibration: Calibration | None = None
         self.holdout: list[Image.Image] | None = None  # kept for `update`; saved with the model
 
@@ -95,12 +97,19 @@ class SpadeDetector:
         return np.concatenate(pooled), features
 
     def _global_feature(self, pyramid: FeaturePyramid) -> torch.Tensor:
-        """Stage 1's descriptor: the pooled last layer, or ("pyramid") that joined with the pooled
-        stage-2 layers, each block L2-normalised so that no block dominates by its scale."""
-        if self.config.stage1_feature == "last":
-            return pyramid.pooled
-        blocks = [pyramid.pooled, *(fmap.mean(dim=(2, 3)) for fmap in pyramid.features.values())]
-        return torch.cat([F.normalize(b.float(), dim=1) for b in blocks], dim=1) / len(blocks) ** 0.5
+        """Stage 1's descriptor (`stage1_feature`), followed by the one that picks stage 2's gallery
+        (`gallery_feature`) when that is another: see `_split`."""
+        kinds = dict.fromkeys((self.config.stage1_feature, self.config.gallery_feature))
+        return torch.cat([global_descriptor(kind, pyramid) for kind in kinds], dim=1)
+
+    def _split(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(stage-1 descriptors, gallery descriptors) of (N, D) global features; the same array twice
+        when one descriptor serves both."""
+        cfg = self.config
+        if cfg.stage1_feature == cfg.gallery_feature:
+            return pooled, pooled
+        width = descriptor_width(cfg, cfg.stage1_feature)
+        return pooled[:, :width], pooled[:, width:]
 
     def _aggregate(self, name: str, fmap: torch.Tensor) -> torch.Tensor:
         """Locally aware features (feature_pool x feature_pool mean), optionally projected."""
@@ -130,11 +139,25 @@ class SpadeDetector:
 
     def fit_bank(self, bank: FeatureBank, holdout: list[ImageLike], progress: bool = False) -> SpadeDetector:
         """Adopt a bank (built here, on Spark, or enlarged by `update`) and calibrate on `holdout`."""
-        self.bank = bank
-        self.index = ImageIndex(self.config.image_index).fit(bank.pooled)
+        self.use_bank(bank)
         self.holdout = [load_image(item) for item in holdout]  # decoded once: calibration uses them twice
         self.calibration = self._calibrate(self.holdout, progress)
         return self
+
+    def use_bank(self, bank: FeatureBank) -> None:
+        """Take `bank` and index its global descriptors (stage 1's and, if another, the gallery's)."""
+        cfg = self.config
+        width = sum(descriptor_width(cfg, kind) for kind in dict.fromkeys((cfg.stage1_feature, cfg.gallery_feature)))
+        if bank.pooled.shape[1] != width:
+            raise ValueError(
+                f"the bank's global features have {bank.pooled.shape[1]} columns; stage1_feature="
+                f"{cfg.stage1_feature} and gallery_feature={cfg.gallery_feature} need {width}: "
+                "build the bank with the detector's own settings."
+            )
+        stage1, gallery = self._split(bank.pooled)
+        self.bank = bank
+        self.index = ImageIndex(self.config.image_index).fit(stage1)
+        self.gallery_index = None if gallery is stage1 else ImageIndex(self.config.image_index).fit(gallery)
 
     def update(self, images: list[ImageLike], progress: bool = False) -> SpadeDetector:
         """A new detector with the same settings and backbone: this bank enlarged with the normal
@@ -211,10 +234,14 @@ class SpadeDetector:
     # ---- the two stages -----------------------------------------------------------------------
     def stage1(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Image scores (Q,): mean distance to the K nearest normal images; and the (Q, M) indices of
-        the M >= K nearest, nearest first, M being the most images any layer's gallery needs."""
+        the M >= K nearest by `gallery_feature`, nearest first, M being the most images any layer's
+        gallery needs."""
         k = self.config.k_images
         wanted = min(self.bank.n_images, max(k, *self.config.gallery_images().values()))
-        sq_dist, nn_indices = self.index.search(pooled, wanted)
+        stage1, gallery = self._split(pooled)
+        sq_dist, nn_indices = self.index.search(stage1, wanted if self.gallery_index is None else k)
+        if self.gallery_index is not None:
+            _, nn_indices = self.gallery_index.search(gallery, wanted)
         return np.sqrt(sq_dist[:, :k]).mean(axis=1), nn_indices
 
     def stage1_scores(self, images: list[ImageLike], desc: str | None = None) -> np.ndarray:
@@ -325,8 +352,7 @@ class SpadeDetector:
         detector = cls(
             saved.config, backbone=build_backbone(saved.config.backbone, str(saved.weights), saved.config.pyramid)
         )
-        detector.bank = saved.bank
-        detector.index = ImageIndex(saved.config.image_index).fit(saved.bank.pooled)
+        detector.use_bank(saved.bank)
         detector.calibration = saved.calibration
         detector.holdout = saved.holdout
         return detector
@@ -351,6 +377,22 @@ def fuse_scores(
         fused = stats["map_mean"] + stats["map_std"] * z
     on_map_scale = stats["map_mean"] + stats["map_std"] * z_knn
     return np.where(candidates & ~np.isnan(map_scores), fused, on_map_scale).astype(np.float64)
+
+
+def global_descriptor(kind: str, pyramid: FeaturePyramid) -> torch.Tensor:
+    """(N, D) float32 global descriptors of a batch: "last" is the pooled last layer (the paper's);
+    "pyramid" joins it with the pooled stage-2 layers, each block L2-normalised so that no block
+    dominates by its scale."""
+    if kind == "last":
+        return pyramid.pooled.float()
+    blocks = [pyramid.pooled, *(fmap.mean(dim=(2, 3)) for fmap in pyramid.features.values())]
+    return torch.cat([F.normalize(b.float(), dim=1) for b in blocks], dim=1) / len(blocks) ** 0.5
+
+
+def descriptor_width(config: SpadeConfig, kind: str) -> int:
+    """D of `global_descriptor(kind, ...)` for the backbone and pyramid of `config`."""
+    spec = BACKBONES[config.backbone]
+    return spec.pooled_dim + (sum(spec.layer(name).channels for name in config.pyramid) if kind == "pyramid" else 0)
 
 
 def _bar_off(desc: str | None) -> bool | None:

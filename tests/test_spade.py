@@ -146,7 +146,8 @@ def test_normalized_layers_put_every_layer_on_the_held_out_scale(fitted, synthet
     arithmetic = SpadeDetector(fitted.config.replace(layer_combine="mean"), backbone=fitted.backbone)
     normalized = SpadeDetector(arithmetic.config.replace(normalize_layers=True), backbone=fitted.backbone)
     for detector in (arithmetic, normalized):
-        detector.bank, detector.index, detector.calibration = fitted.bank, fitted.index, fitted.calibration
+        detector.use_bank(fitted.bank)
+        detector.calibration = fitted.calibration
     path = read_test(synthetic_root)[0].path  # a normal image
     raw_map = arithmetic.predict([path], segment="all").anomaly_maps[0]
     scaled_map = normalized.predict([path], segment="all").anomaly_maps[0]
@@ -175,6 +176,24 @@ def test_coarse_layers_search_the_pixels_of_more_nearest_images(fitted, syntheti
     whole_bank = torch.from_numpy(np.asarray(bank.features["blocks.4"])).float()
     brute = torch.cdist(query, whole_bank).min(dim=1).values
     torch.testing.assert_close(distances["blocks.4"].flatten(), brute, rtol=1e-3, atol=1e-3)
+
+
+def test_stage1_scores_by_the_last_layer_and_the_pyramid_descriptor_picks_the_gallery(fitted, synthetic_root):
+    config = fitted.config
+    assert (config.stage1_feature, config.gallery_feature) == ("last", "pyramid")  # the defaults
+    paths = [s.path for s in read_test(synthetic_root)[:6]]
+    pooled, _ = fitted.extract(prepare(paths, 256, 0, True)[0])
+    scores, nn_indices = fitted.stage1(pooled)
+    last, pyramid = fitted._split(pooled)
+    bank_last, bank_pyramid = fitted._split(fitted.bank.pooled)
+    assert last.shape[1] == bank_last.shape[1] == 1280  # Lite0's pooled head
+    to_last = np.sqrt(((last[:, None] - bank_last[None]) ** 2).sum(-1))
+    np.testing.assert_allclose(scores, np.sort(to_last, axis=1)[:, : config.k_images].mean(1), rtol=1e-4)
+    to_pyramid = ((pyramid[:, None] - bank_pyramid[None]) ** 2).sum(-1)
+    np.testing.assert_array_equal(nn_indices, np.argsort(to_pyramid, axis=1, kind="stable")[:, : nn_indices.shape[1]])
+    assert not np.array_equal(nn_indices[:, :5], np.argsort(to_last, axis=1)[:, :5])  # another choice than stage 1's
+    with pytest.raises(ValueError, match="build the bank with the detector's own settings"):
+        SpadeDetector(config.replace(gallery_feature="last"), backbone=fitted.backbone).use_bank(fitted.bank)
 
 
 def test_geometric_layer_combine_is_blind_to_layer_scales():
