@@ -56,6 +56,7 @@ VARIANTS: dict[str, dict] = {
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
     "pool1_sigma4": {"feature_pool": 1, "sigma": 4.0},
+    "k2": {"k_images": 2},
     "k3": {"k_images": 3},
     "k10": {"k_images": 10},
     "kappa3": {"kappa": 3},

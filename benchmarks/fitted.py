@@ -1,12 +1,13 @@
-"""What the per-dataset benchmarks share: `--data` / `--threads` and the default detector fitted on
-the folder's train images."""
+"""What the per-dataset benchmarks share: `--data` / `--threads` / `--set` and the detector (the
+default, or with the `--set` changes) fitted on the folder's train images."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from mlflow_knn_anomaly import SpadeDetector
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
 from mlflow_knn_anomaly.datasets import read_train
 from mlflow_knn_anomaly.runtime import configure_threads
 
@@ -16,10 +17,21 @@ def data_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="an MVTec-layout folder")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE", help="settings changed from the default")
     return parser
 
 
+def _setting(item: str) -> tuple[str, object]:
+    """("k_images", 2) from "k_images=2"; a value that is not JSON stays a string."""
+    name, _, value = item.partition("=")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
 def fitted_detector(args: argparse.Namespace) -> tuple[int, SpadeDetector]:
-    """(threads in use, the default detector fitted on <data>/train/good) for parsed `args`."""
+    """(threads in use, the detector fitted on <data>/train/good) for parsed `args`."""
     threads = configure_threads(args.threads)
-    return threads, SpadeDetector().fit(read_train(args.data))
+    config = SpadeConfig(**dict(_setting(item) for item in args.set))
+    return threads, SpadeDetector(config).fit(read_train(args.data))
