@@ -37,18 +37,28 @@ def test_loading_warns_when_a_library_major_version_differs(saved_detector, tmp_
 def test_a_model_saved_before_the_new_map_settings_loads_with_the_settings_it_was_calibrated_with(
     synthetic_root, tmp_path
 ):
-    # An older model: three layers saved as "the backbone's default", no layer_combine / scale_gallery.
-    older = SpadeConfig(layers="blocks.1,blocks.2,blocks.4", k_images=3, layer_combine="mean", scale_gallery=False)
+    # An older model: three layers saved as "the backbone's default", no layer_combine / scale_gallery /
+    # gallery_feature (its bank holds the last layer's pooled feature only).
+    older = SpadeConfig(
+        layers="blocks.1,blocks.2,blocks.4",
+        k_images=3,
+        layer_combine="mean",
+        scale_gallery=False,
+        gallery_feature="last",
+    )
     path = SpadeDetector(older).fit(read_train(synthetic_root)[:12]).save(tmp_path / "older")
     record = json.loads((path / "config.json").read_text())
     record["config"]["layers"] = []
-    for key in ("layer_combine", "scale_gallery"):
+    for key in ("layer_combine", "scale_gallery", "gallery_feature"):
         del record["config"][key]
     (path / "config.json").write_text(json.dumps(record))
-    config = SpadeDetector.load(path).config
-    assert (config.layer_combine, config.scale_gallery) == ("mean", False)
+    loaded = SpadeDetector.load(path)
+    config = loaded.config
+    assert (config.layer_combine, config.scale_gallery, config.gallery_feature) == ("mean", False, "last")
     assert config.pyramid == ("blocks.1", "blocks.2", "blocks.4")  # the bank's, not today's default
-    assert (SpadeConfig().layer_combine, SpadeConfig().scale_gallery) == ("geometric", True)
+    assert loaded.predict([read_test(synthetic_root)[0].path], segment="all").segmented.all()
+    defaults = SpadeConfig()
+    assert (defaults.layer_combine, defaults.scale_gallery, defaults.gallery_feature) == ("geometric", True, "pyramid")
 
 
 def test_a_model_of_the_previous_format_loads_and_predicts_the_same(fitted, saved_detector, synthetic_root, tmp_path):
