@@ -93,11 +93,10 @@ def evaluate_samples(
 ) -> Evaluation:
     """Score and segment every test image and compute the metrics.
 
-    Every image is segmented (segment="all"), so that the pixel metrics cover all of them and the
-    map score of every image is known; the image score is the one the product reports in
+    Every image is segmented (segment="all"); the image score is the one the product reports in
     segment="auto" mode. Pixel metrics are at each image's own resolution, and also (`*_256`) with
-    maps and masks resized to 256 x 256 as anomalib evaluates them. Pixel metrics need a mask for
-    every anomalous image; with none at all, only the image metrics are computed. Without
+    maps and masks resized to 256 x 256 as anomalib evaluates them. They need a mask for every
+    anomalous image; with none at all, only the image metrics are computed. Without
     `per_type_pixels` the per-type figures leave out the pixel metrics (each a pass over every pixel).
 
     Raises:
