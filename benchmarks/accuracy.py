@@ -52,6 +52,7 @@ VARIANTS: dict[str, dict] = {
     "gallery_last": {"gallery_feature": "last"},
     "fusion_max": {"score_fusion": "max"},
     "fusion_mean": {"score_fusion": "mean"},
+    "map_weight1": {"map_weight": 1.0},
     "fusion_map": {"score_fusion": "map"},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},

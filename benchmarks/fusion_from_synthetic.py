@@ -56,7 +56,7 @@ def main() -> None:
             cells = []
             for fusion in FUSIONS:
                 scores = [
-                    fuse_scores(p.knn_scores, p.map_scores, np.ones(len(p.scores), bool), stats, fusion)
+                    fuse_scores(p.knn_scores, p.map_scores, np.ones(len(p.scores), bool), stats, fusion, 1.0)
                     for p in (normal, made)
                 ]
                 cells.append(f"{image_auroc(labels, np.concatenate(scores)):.3f}")

@@ -38,6 +38,7 @@ ADDED_SETTINGS = {
     "stage1_feature": "last",
     "gallery_feature": "last",
     "score_fusion": "map",
+    "map_weight": 1.0,
 }
 # Format 2 kept the fitted state among the settings; `candidate_threshold` is now the gate.
 FORMAT2_FITTED = {

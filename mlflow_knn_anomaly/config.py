@@ -68,6 +68,8 @@ class SpadeConfig:
             its two stages (held-out normal statistics): "mean" (their average: a global change
             such as a missing part is seen by stage 1, a small defect by the map), "max" (the more
             surprised stage) or "map" (the map's alone, for data where stage 1 misleads).
+        map_weight: score_fusion="mean": the map's z-score counts `map_weight` times stage 1's in
+            the average (1 gives their plain mean; 2, the default, trusts the map twice as much).
         score_margin: pixels at the border of the network input that the map-based image score
             ignores (zero padding inflates every image's border features); masks still cover them.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
@@ -101,6 +103,7 @@ class SpadeConfig:
     reduce_channels: int = 0
     score_mode: str = "two_stage"
     score_fusion: str = "mean"
+    map_weight: float = 2.0
     score_margin: int = 16
     image_index: str = "flat"
     bank_dtype: str = "float16"
@@ -251,6 +254,7 @@ CONSTRAINTS = {
     "reduce_channels": _integer(0),
     "score_mode": _choice(SCORE_MODES),
     "score_fusion": _choice(SCORE_FUSIONS),
+    "map_weight": _number(0.0, math.inf),
     "score_margin": _integer(0),
     "image_index": _choice(IMAGE_INDEXES),
     "bank_dtype": _choice(BANK_DTYPES),

@@ -222,7 +222,7 @@ class SpadeDetector:
         image_scores = (
             knn_scores
             if cfg.score_mode == "knn"
-            else fuse_scores(knn_scores, map_scores, every, stats, cfg.score_fusion)
+            else fuse_scores(knn_scores, map_scores, every, stats, cfg.score_fusion, cfg.map_weight)
         )
         return Calibration(
             image_threshold=control_limit(image_scores, z),
@@ -289,9 +289,11 @@ class SpadeDetector:
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
         knn, map_scores, maps = self._run_stages(list(images), segment, gate, progress)
         candidates = knn >= gate
-        two_stage = self.config.score_mode == "two_stage"
-        stats, fusion = self.calibration.to_dict(), self.config.score_fusion
-        scores = fuse_scores(knn, map_scores, candidates, stats, fusion) if two_stage else knn.astype(np.float64)
+        cfg, stats = self.config, self.calibration.to_dict()
+        if cfg.score_mode == "two_stage":
+            scores = fuse_scores(knn, map_scores, candidates, stats, cfg.score_fusion, cfg.map_weight)
+        else:
+            scores = knn.astype(np.float64)
         return Prediction(
             scores=scores,
             normalized_scores=scores / image_t,
@@ -360,21 +362,26 @@ class SpadeDetector:
 
 
 def fuse_scores(
-    knn: np.ndarray, map_scores: np.ndarray, candidates: np.ndarray, stats: dict[str, float], fusion: str = "map"
+    knn: np.ndarray,
+    map_scores: np.ndarray,
+    candidates: np.ndarray,
+    stats: dict[str, float],
+    fusion: str = "map",
+    map_weight: float = 1.0,
 ) -> np.ndarray:
     """two_stage image scores, on the map's scale so that one threshold serves every image.
 
     A segmented candidate is scored by `fusion` of its two stages' z-scores (from the held-out
     normal `stats`: knn_mean, knn_std, map_mean, map_std): "map" its map score alone, "max"
-    whichever stage is more surprised, "mean" their average. Any other image keeps its stage-1
-    z-score.
+    whichever stage is more surprised, "mean" their average with the map's counted `map_weight`
+    times. Any other image keeps its stage-1 z-score.
     """
     z_knn = (knn - stats["knn_mean"]) / stats["knn_std"]
     if fusion == "map":
         fused = map_scores
     else:
         z_map = (map_scores - stats["map_mean"]) / stats["map_std"]
-        z = np.maximum(z_map, z_knn) if fusion == "max" else (z_map + z_knn) / 2
+        z = np.maximum(z_map, z_knn) if fusion == "max" else (map_weight * z_map + z_knn) / (map_weight + 1)
         fused = stats["map_mean"] + stats["map_std"] * z
     on_map_scale = stats["map_mean"] + stats["map_std"] * z_knn
     return np.where(candidates & ~np.isnan(map_scores), fused, on_map_scale).astype(np.float64)
