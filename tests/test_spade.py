@@ -76,10 +76,11 @@ def test_two_stage_scores_candidates_by_both_stages_and_the_rest_by_stage1(fitte
     np.testing.assert_allclose(auto.scores, every.scores)  # the score does not depend on segment
     maxima = np.array([m.max() for m in every.anomaly_maps])
     assert np.all(every.map_scores <= maxima + 1e-6)  # the margin only removes pixels
-    # The default fusion: the mean of the two stages' z-scores, on the map's scale.
+    # The default fusion: the mean of the two stages' z-scores with the map's counted twice, on the map's scale.
+    assert (fitted.config.score_fusion, fitted.config.map_weight) == ("mean", 2.0)
     z_knn = (auto.knn_scores - cal.knn_mean) / cal.knn_std
     z_map = (every.map_scores - cal.map_mean) / cal.map_std
-    fused = cal.map_mean + cal.map_std * (z_knn + z_map) / 2
+    fused = cal.map_mean + cal.map_std * (z_knn + 2 * z_map) / 3
     np.testing.assert_allclose(auto.scores[candidates], fused[candidates], rtol=1e-6)
     np.testing.assert_allclose(auto.scores[~candidates], (cal.map_mean + cal.map_std * z_knn)[~candidates], rtol=1e-6)
 
