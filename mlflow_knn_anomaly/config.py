@@ -140,6 +140,12 @@ class SpadeConfig:
         """The stage-2 layer names in use (the backbone's default when `layers` is empty)."""
         return self.layers or BACKBONES[self.backbone].default_layers
 
+    @property
+    def global_features(self) -> tuple[str, ...]:
+        """The global descriptors the bank's global features hold, in order: stage 1's, then the
+        gallery's when it is another."""
+        return tuple(dict.fromkeys((self.stage1_feature, self.gallery_feature)))
+
     def gallery_images(self) -> dict[str, int]:
         """Per stage-2 layer, how many nearest images give it its gallery (before capping at the bank)."""
         spec = BACKBONES[self.backbone]

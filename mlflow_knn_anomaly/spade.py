@@ -100,14 +100,13 @@ class SpadeDetector:
     def _global_feature(self, pyramid: FeaturePyramid) -> torch.Tensor:
         """Stage 1's descriptor (`stage1_feature`), followed by the one that picks stage 2's gallery
         (`gallery_feature`) when that is another: see `_split`."""
-        kinds = dict.fromkeys((self.config.stage1_feature, self.config.gallery_feature))
-        return torch.cat([global_descriptor(kind, pyramid) for kind in kinds], dim=1)
+        return torch.cat([global_descriptor(kind, pyramid) for kind in self.config.global_features], dim=1)
 
     def _split(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(stage-1 descriptors, gallery descriptors) of (N, D) global features; the same array twice
         when one descriptor serves both."""
         cfg = self.config
-        if cfg.stage1_feature == cfg.gallery_feature:
+        if len(cfg.global_features) == 1:
             return pooled, pooled
         width = descriptor_width(cfg, cfg.stage1_feature)
         return pooled[:, :width], pooled[:, width:]
@@ -148,7 +147,7 @@ class SpadeDetector:
     def use_bank(self, bank: FeatureBank) -> None:
         """Take `bank` and index its global descriptors (stage 1's and, if another, the gallery's)."""
         cfg = self.config
-        width = sum(descriptor_width(cfg, kind) for kind in dict.fromkeys((cfg.stage1_feature, cfg.gallery_feature)))
+        width = sum(descriptor_width(cfg, kind) for kind in cfg.global_features)
         if bank.pooled.shape[1] != width:
             raise ValueError(
                 f"the bank's global features have {bank.pooled.shape[1]} columns; stage1_feature="
