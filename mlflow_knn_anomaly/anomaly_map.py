@@ -59,10 +59,13 @@ def combine_layers(
     return gaussian_filter(score_map, sigma) if sigma > 0 else score_map
 
 
-def map_score(input_map: np.ndarray, margin: int) -> float:
-    """Image score from a map of the network input: its maximum, ignoring `margin` pixels at the
-    border, where zero padding inflates the features of every image (normal ones too). The margin
-    shrinks on a narrow input so that a quarter of each side is always scored."""
+def map_score(input_map: np.ndarray, margin: int, top: float = 0.0) -> float:
+    """Image score from a map of the network input: the mean of its highest `top` share of pixels
+    (0: its maximum), ignoring `margin` pixels at the border, where zero padding inflates the
+    features of every image (normal ones too). The margin shrinks on a narrow input so that a
+    quarter of each side is always scored."""
     h, w = input_map.shape
     my, mx = (min(margin, side * 3 // 8) for side in (h, w))
-    return float(input_map[my : h - my, mx : w - mx].max())
+    core = input_map[my : h - my, mx : w - mx].ravel()
+    n = max(1, round(top * core.size))
+    return float(np.partition(core, core.size - n)[core.size - n :].mean())

@@ -39,6 +39,7 @@ ADDED_SETTINGS = {
     "gallery_feature": "last",
     "score_fusion": "map",
     "map_weight": 1.0,
+    "score_top": 0.0,
 }
 # Format 2 kept the fitted state among the settings; `candidate_threshold` is now the gate.
 FORMAT2_FITTED = {

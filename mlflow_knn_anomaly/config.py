@@ -69,9 +69,13 @@ class SpadeConfig:
             such as a missing part is seen by stage 1, a small defect by the map), "max" (the more
             surprised stage) or "map" (the map's alone, for data where stage 1 misleads).
         map_weight: score_fusion="mean": the map's z-score counts `map_weight` times stage 1's in
-            the average (1 gives their plain mean; 2, the default, trusts the map twice as much).
+            the average (1 gives their plain mean; 5, the default, leans on the map and keeps stage
+            1's view of global changes).
         score_margin: pixels at the border of the network input that the map-based image score
             ignores (zero padding inflates every image's border features); masks still cover them.
+        score_top: the map-based image score is the mean of the highest `score_top` share of the
+            map's pixels inside the margin (0.005: the top half percent); 0 takes the maximum alone,
+            which one noisy pixel can decide.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
         bank_dtype: storage dtype of the pixel features.
         holdout_fraction: share of the normal images held out of the bank to calibrate.
@@ -103,8 +107,9 @@ class SpadeConfig:
     reduce_channels: int = 0
     score_mode: str = "two_stage"
     score_fusion: str = "mean"
-    map_weight: float = 2.0
+    map_weight: float = 5.0
     score_margin: int = 16
+    score_top: float = 0.005
     image_index: str = "flat"
     bank_dtype: str = "float16"
     holdout_fraction: float = 0.1
@@ -262,6 +267,7 @@ CONSTRAINTS = {
     "score_fusion": _choice(SCORE_FUSIONS),
     "map_weight": _number(0.0, math.inf),
     "score_margin": _integer(0),
+    "score_top": _number(0.0, 1.0),
     "image_index": _choice(IMAGE_INDEXES),
     "bank_dtype": _choice(BANK_DTYPES),
     "holdout_fraction": _number(0.0, 0.9, low_open=True),

@@ -213,7 +213,7 @@ class SpadeDetector:
             anomaly_map.combine_layers(d, s, cfg.layer_combine, cfg.sigma, scales) for d, s in zip(distances, sizes)
         ]
         knn_scores = np.concatenate(knn)
-        map_scores = np.array([anomaly_map.map_score(m, cfg.score_margin) for m in input_maps])
+        map_scores = np.array([anomaly_map.map_score(m, cfg.score_margin, cfg.score_top) for m in input_maps])
         maxima = np.array([float(m.max()) for m in input_maps])
         synthetic = self.stage1_scores(synthetic_anomalies(images), "synthetic anomalies" if progress else None)
         z, stats = cfg.threshold_sigmas, score_stats(knn_scores, map_scores)
@@ -310,6 +310,7 @@ class SpadeDetector:
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
         """Stage 1 for every image, stage 2 for those `segment` asks for: (N,) stage-1 scores, (N,)
         map scores (NaN where not segmented) and the anomaly maps at each image's own size."""
+        cfg = self.config
         knn, map_scores, maps = [], [], []
         for inputs, geometries in self._batches(images, "predict" if progress else None):
             pooled, features = self.extract(inputs)
@@ -318,7 +319,7 @@ class SpadeDetector:
                 knn.append(scores[i])
                 if segment == "all" or (segment == "auto" and scores[i] >= gate):
                     input_map = self.stage2(features[i], nn_indices[i], geometry.input_shape)
-                    map_scores.append(anomaly_map.map_score(input_map, self.config.score_margin))
+                    map_scores.append(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top))
                     maps.append(geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map))))
                 else:
                     map_scores.append(np.nan)

@@ -76,13 +76,27 @@ def test_two_stage_scores_candidates_by_both_stages_and_the_rest_by_stage1(fitte
     np.testing.assert_allclose(auto.scores, every.scores)  # the score does not depend on segment
     maxima = np.array([m.max() for m in every.anomaly_maps])
     assert np.all(every.map_scores <= maxima + 1e-6)  # the margin only removes pixels
-    # The default fusion: the mean of the two stages' z-scores with the map's counted twice, on the map's scale.
-    assert (fitted.config.score_fusion, fitted.config.map_weight) == ("mean", 2.0)
+    # The default fusion: the mean of the two stages' z-scores with the map's counted 5 times, on the map's scale.
+    assert (fitted.config.score_fusion, fitted.config.map_weight) == ("mean", 5.0)
     z_knn = (auto.knn_scores - cal.knn_mean) / cal.knn_std
     z_map = (every.map_scores - cal.map_mean) / cal.map_std
-    fused = cal.map_mean + cal.map_std * (z_knn + 2 * z_map) / 3
+    fused = cal.map_mean + cal.map_std * (z_knn + 5 * z_map) / 6
     np.testing.assert_allclose(auto.scores[candidates], fused[candidates], rtol=1e-6)
     np.testing.assert_allclose(auto.scores[~candidates], (cal.map_mean + cal.map_std * z_knn)[~candidates], rtol=1e-6)
+
+
+def test_the_map_score_is_the_mean_of_the_top_share_of_pixels_inside_the_margin():
+    input_map = np.zeros((40, 40), np.float32)
+    input_map[0, 0] = 100.0  # in the margin: ignored
+    core = input_map[4:36, 4:36]  # a view: 32 x 32 = 1024 scored pixels
+    for i, value in enumerate((9.0, 8.0, 7.0, 6.0, 5.0)):
+        core[10 + i, 3 * i] = value
+    assert anomaly_map.map_score(input_map, margin=4) == 9.0  # top=0: the maximum
+    assert anomaly_map.map_score(input_map, margin=4, top=5 / 1024) == pytest.approx(7.0)
+    assert anomaly_map.map_score(input_map, margin=4, top=10 / 1024) == pytest.approx(3.5)
+    assert anomaly_map.map_score(input_map, margin=4, top=1e-9) == 9.0  # at least one pixel
+    assert anomaly_map.map_score(input_map, margin=0, top=1 / 1600) == 100.0
+    assert SpadeConfig().score_top == 0.005
 
 
 def test_knn_mode_reports_the_papers_stage1_score(synthetic_root):
