@@ -59,7 +59,9 @@ def fit(root: Path) -> dict:
     held_knn, held_maps = input_maps(detector, detector.holdout)
     test_knn, test_maps = input_maps(detector, [s.path for s in samples])
     labels = np.array([s.is_anomalous for s in samples])
-    return dict(detector=detector, held_knn=held_knn, held_maps=held_maps, test_knn=test_knn, test_maps=test_maps, labels=labels)
+    return dict(
+        detector=detector, held_knn=held_knn, held_maps=held_maps, test_knn=test_knn, test_maps=test_maps, labels=labels
+    )
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ class SpadeConfig:
         reduce_channels: project each layer with more channels than this onto this many with a
             fixed random projection (smaller bank, approximate distances); 0 keeps all channels.
         score_mode: "knn" (the paper's stage-1 image score) or "two_stage" (stage 1 is a
-            recall-calibrated gate, the anomaly map's maximum scores the images past it).
+            recall-calibrated gate, the anomaly map scores the images past it: see score_fusion).
         score_fusion: two_stage: the image score of an image past the gate, from the z-scores of
             its two stages (held-out normal statistics): "mean" (their average: a global change
             such as a missing part is seen by stage 1, a small defect by the map), "max" (the more

@@ -4,8 +4,8 @@ Stage 1 scores an image by the mean distance of its global feature to its K near
 images; a gate calibrated for recall (`calibration.py`) decides which images go on. Stage 2
 segments those: each pixel scores the mean distance to its kappa nearest features among the
 pixels of the nearest normal images (nearest by `gallery_feature`'s global descriptor), per
-pyramid layer, and the layers become one smoothed anomaly map (`anomaly_map.py`), whose maximum
-scores the image.
+pyramid layer, and the layers become one smoothed anomaly map (`anomaly_map.py`), whose highest
+pixels score the image.
 """
 
 from __future__ import annotations
