@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict] = {
     "fusion_max": {"score_fusion": "max"},
     "fusion_mean": {"score_fusion": "mean"},
     "map_weight1": {"map_weight": 1.0},
+    "map_maximum": {"score_top": 0.0, "map_weight": 2.0},  # the image score of stop 21
     "fusion_map": {"score_fusion": "map"},
     "reduce16": {"reduce_channels": 16},
     "pool1": {"feature_pool": 1},
