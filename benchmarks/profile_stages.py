@@ -60,7 +60,7 @@ def profile_image(det: SpadeDetector, path: Path, clock: Clock) -> None:
     combine = anomaly_map.combine_layers
     raw = clock("combine layers (upsample)", combine, distances, size, cfg.layer_combine, 0.0, scales)
     smooth = clock("smooth", gaussian_filter, raw, cfg.sigma)
-    clock("map score", anomaly_map.map_score, smooth, cfg.score_margin)
+    clock("map score", anomaly_map.map_score, smooth, cfg.score_margin, cfg.score_top)
     full = clock("resize to image", geometries[0].to_image, torch.from_numpy(np.ascontiguousarray(smooth)))
     mask = clock("mask", lambda: full >= det.calibration.pixel_threshold)
     clock("mask PNG encoding", encode_mask, mask)

@@ -96,7 +96,22 @@ def test_the_map_score_is_the_mean_of_the_top_share_of_pixels_inside_the_margin(
     assert anomaly_map.map_score(input_map, margin=4, top=10 / 1024) == pytest.approx(3.5)
     assert anomaly_map.map_score(input_map, margin=4, top=1e-9) == 9.0  # at least one pixel
     assert anomaly_map.map_score(input_map, margin=0, top=1 / 1600) == 100.0
+    assert anomaly_map.map_score(input_map, margin=4, top=2.6 / 1024) == pytest.approx(8.0)  # 2.6 rounds to 3
+    narrow = np.zeros((8, 40), np.float32)
+    narrow[2, 20], narrow[3, 20] = 50.0, 4.0  # an 8-px side keeps its middle quarter: rows 3-4
+    assert anomaly_map.map_score(narrow, margin=4) == 4.0
     assert SpadeConfig().score_top == 0.005
+
+
+def test_fit_and_predict_score_maps_with_the_configured_top_share(synthetic_root, monkeypatch):
+    tops = []
+    real = anomaly_map.map_score
+    monkeypatch.setattr(anomaly_map, "map_score", lambda m, margin, top: tops.append(top) or real(m, margin, top))
+    detector = SpadeDetector(SpadeConfig(score_top=0.02, k_images=3)).fit(read_train(synthetic_root)[:12])
+    calibrated = len(tops)
+    detector.predict([read_test(synthetic_root)[0].path], segment="all")
+    assert calibrated > 0 and len(tops) == calibrated + 1
+    assert set(tops) == {0.02}
 
 
 def test_knn_mode_reports_the_papers_stage1_score(synthetic_root):
