@@ -2,7 +2,6 @@
 
     python benchmarks/accuracy.py --threads 2 --variants default --dump /tmp/scores
     python benchmarks/score_fusion.py /tmp/scores
-    python benchmarks/score_fusion.py /tmp/scores --map-weights 1 1.5 2 3 4   # the weighted mean, gate on
 
 Scores are z-scores of the held-out normal images (stage 1: knn, stage 2: map). An image past the
 gate is scored by the fusion; the others by their stage-1 z-score (as the product does).
@@ -29,11 +28,7 @@ FUSIONS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--map-weights", nargs="+", type=float, help="instead: the mean fusion at these map weights")
     args = parser.parse_args()
-    if args.map_weights:
-        weighted_means(args.folder, args.map_weights)
-        return
     names = [f"{f}, {g}" for g in ("gate", "gate open") for f in FUSIONS if f != "knn"]
     print("| data | variant | gate passes (normal / anomalous) | " + " | ".join(names) + " | knn |")
     print("|---" * (len(names) + 4) + "|")
@@ -53,23 +48,6 @@ def main() -> None:
         data, variant = dump.stem.split("__")
         passes = f"{gate[~labels].mean():.2f} / {gate[labels].mean():.2f}"
         print(f"| {data} | {variant} | {passes} | " + " | ".join(cells) + f" | {image_auroc(labels, z_knn):.4f} |")
-
-
-def weighted_means(folder: Path, weights: list[float]) -> None:
-    """Image ROCAUC of `score_fusion=mean` with the map's z-score counted w times, the gate on."""
-    print("| data | variant | " + " | ".join(f"map_weight={w:g}" for w in weights) + " |")
-    print("|---" * (len(weights) + 2) + "|")
-    for dump in sorted(folder.glob("*.npz")):
-        d = np.load(dump)
-        cal = json.loads(str(d["calibration"]))
-        z_knn = (d["knn"] - cal["knn_mean"]) / cal["knn_std"]
-        z_map = (d["map"] - cal["map_mean"]) / cal["map_std"]
-        gate = d["knn"] >= cal["gate_threshold"]
-        cells = [
-            f"{image_auroc(d['labels'].astype(bool), np.where(gate, (w * z_map + z_knn) / (w + 1), z_knn)):.4f}"
-            for w in weights
-        ]
-        print(f"| {' | '.join(dump.stem.split('__'))} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

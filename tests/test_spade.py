@@ -257,5 +257,5 @@ def test_score_fusion_combines_the_two_stages_z_scores():
     np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "map"), [12.0, 18.0, 10.0])
     np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "max"), [18.0, 18.0, 10.0])
     np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "mean"), [15.0, 18.0, 10.0])
-    # The default counts the map's z-score twice: (2 * 1 + 4) / 3 = 2.
+    # map_weight=2 counts the map's z-score twice: (2 * 1 + 4) / 3 = 2.
     np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "mean", 2.0), [14.0, 18.0, 10.0])
