@@ -80,7 +80,7 @@ class SavedDetector:
 
     config: SpadeConfig
     calibration: Calibration
-    weights: Path
+    weights: Path | None  # None: a line model's category, whose backbone weights are the line's
     bank: FeatureBank
     holdout: list[Image.Image] | None  # None in format 2
 
@@ -92,20 +92,23 @@ def save_detector(
     backbone: Backbone,
     bank: FeatureBank,
     holdout: list[Image.Image],
+    with_weights: bool = True,
 ) -> Path:
-    """Write a detector directory atomically; refuse to overwrite an existing path."""
+    """Write a detector directory atomically; refuse to overwrite an existing path.
+
+    Without `with_weights` the backbone's weights are left out (a line model keeps one copy for
+    all its categories)."""
     if path.exists():
         raise FileExistsError(f"{path} already exists; choose a new path or remove it first.")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        state = {k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}
-        save_file(state, tmp / WEIGHTS_FILE)
+        weights = [save_weights(backbone, tmp / WEIGHTS_FILE)] if with_weights else []
         (tmp / HOLDOUT_DIR).mkdir()
         for i, image in enumerate(holdout):
             image.save(tmp / HOLDOUT_DIR / f"{i:05d}.png")  # lossless: update_bank recalibrates on them
         holdout_files = sorted((tmp / HOLDOUT_DIR).iterdir())
-        files = [tmp / WEIGHTS_FILE, *bank.save(tmp / BANK_DIR), *holdout_files]
+        files = [*weights, *bank.save(tmp / BANK_DIR), *holdout_files]
         record = {
             "format_version": FORMAT_VERSION,
             "config": config.to_dict(),
@@ -122,6 +125,12 @@ def save_detector(
     return path
 
 
+def save_weights(backbone: Backbone, path: Path) -> Path:
+    """The backbone's state dict as safetensors."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in backbone.model.state_dict().items()}, path)
+    return path
+
+
 def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
     """Read and verify a detector directory (this format or the previous one); the bank is
     memory-mapped with `mmap`.
@@ -133,7 +142,7 @@ def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not a saved detector: {CONFIG_FILE} is missing.")
     record = json.loads(config_file.read_text())
-    _verify(path, record["sha256"])
+    verify(path, record["sha256"])
     if record.get("format_version") not in READABLE_FORMATS:
         raise ValueError(
             f"{path} was saved in format {record.get('format_version')}, this version reads formats "
@@ -145,10 +154,22 @@ def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
     holdout = None
     if (path / HOLDOUT_DIR).is_dir():
         holdout = [_read_png(f) for f in sorted((path / HOLDOUT_DIR).glob("*.png"))]
-    return SavedDetector(config, calibration, path / WEIGHTS_FILE, bank, holdout)
+    weights = path / WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else None
+    return SavedDetector(config, calibration, weights, bank, holdout)
 
 
-def _verify(path: Path, hashes: dict[str, str]) -> None:
+def load_settings(path: Path) -> SpadeConfig:
+    """The settings of a saved detector (this format), without opening its bank."""
+    record = json.loads((path / CONFIG_FILE).read_text())
+    return SpadeConfig.from_dict({**ADDED_SETTINGS, **record["config"]})
+
+
+def verify(path: Path, hashes: dict[str, str]) -> None:
+    """Every file of `hashes` (relative to `path`) exists and has its recorded sha256.
+
+    Raises:
+        ValueError: a file is missing or differs, with what to do.
+    """
     for name, expected in hashes.items():
         file = path / name
         if not file.is_file():

@@ -15,7 +15,7 @@ import click
 from mlflow.exceptions import MlflowException
 
 from . import jobs, registry
-from .config import CALIBRATED, OVERRIDES, SpadeConfig
+from .config import CALIBRATED, OVERRIDES, SpadeConfig, parse_categories
 from .runtime import THREADS_ENV, configure_threads
 
 _FIELDS = dataclasses.fields(SpadeConfig)
@@ -68,15 +68,35 @@ def cli(threads: int | None) -> None:
     configure_threads()
 
 
+DATA_HELP = "MVTec-layout folder, a folder of them (a line model: one category each), or 'synthetic'"
+
+
+def _line_options(command):
+    """--categories and --category-settings (a root of MVTec folders builds a line model)."""
+    command = click.option(
+        "--category-settings", default="", help="JSON/YAML file: {category: {setting: value}} overrides"
+    )(command)
+    return click.option("--categories", default="", help="comma-separated categories of a line root (default: all)")(
+        command
+    )
+
+
 @cli.command("build-bank")
-@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help=DATA_HELP)
 @click.option("--model-name", default="spade-anomaly", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="skip unreadable training images (logged) instead of failing")
 @click.option("--spark-master", default=None, help="extract bank features on Spark (e.g. local[2])")
+@_line_options
 @_config_options
-def build_bank_command(data: str, model_name: str, skip_bad: bool, spark_master: str | None, **options) -> None:
-    """Fit on <data>/train/good, log the model and register a new version."""
-    run_id, version = jobs.build_bank(data, _config(options), model_name, skip_bad=skip_bad, spark_master=spark_master)
+def build_bank_command(
+    data: str, model_name: str, skip_bad: bool, spark_master: str | None, categories: str, category_settings: str,
+    **options,
+) -> None:  # fmt: skip
+    """Fit on <data>/train/good (or each category of a root), log the model and register a new version."""
+    run_id, version = jobs.build_bank(
+        data, _config(options), model_name, skip_bad=skip_bad, spark_master=spark_master,
+        categories=parse_categories(categories), category_settings=category_settings or None,
+    )  # fmt: skip
     click.echo(json.dumps({"run_id": run_id, "model_name": model_name, "version": version}))
 
 
@@ -85,10 +105,40 @@ def build_bank_command(data: str, model_name: str, skip_bad: bool, spark_master:
 @click.option("--data", required=True, help="MVTec-layout folder whose train/good holds the new normal images")
 @click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
 @click.option("--skip-bad", is_flag=True, help="skip unreadable images (logged) instead of failing")
-def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_bad: bool) -> None:
+@click.option("--category", default="", help="a line model's category to add the images to")
+def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_bad: bool, category: str) -> None:
     """Add new normal images to a model's bank and register the result as a new version (recalibrated)."""
-    run_id, version = jobs.update_bank(model_uri, data, model_name, skip_bad=skip_bad)
+    run_id, version = jobs.update_bank(model_uri, data, model_name, skip_bad=skip_bad, category=category or None)
     click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "version": version}))
+
+
+@cli.command("add-category")
+@click.option("--model-uri", required=True, help="the parent: a line model, or a single-category model")
+@click.option("--data", required=True, help="MVTec-layout folder of the new part type")
+@click.option("--category", required=True, help="the new category's name")
+@click.option("--category-settings", default="", help="JSON/YAML file: {category: {setting: value}} overrides")
+@click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
+@click.option("--skip-bad", is_flag=True, help="skip unreadable images (logged) instead of failing")
+def add_category_command(
+    model_uri: str, data: str, category: str, category_settings: str, model_name: str | None, skip_bad: bool
+) -> None:
+    """Add a part type to a line model (one category's build) and register a new version."""
+    from . import line_jobs
+
+    run_id, version = line_jobs.add_category(model_uri, data, category, category_settings or None, model_name, skip_bad)
+    click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "category": category, "version": version}))
+
+
+@cli.command("remove-category")
+@click.option("--model-uri", required=True, help="the parent line model")
+@click.option("--category", required=True, help="the category to take out")
+@click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
+def remove_category_command(model_uri: str, category: str, model_name: str | None) -> None:
+    """Take a part type out of a line model and register a new version."""
+    from . import line_jobs
+
+    run_id, version = line_jobs.remove_category(model_uri, category, model_name)
+    click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "category": category, "version": version}))
 
 
 @cli.command("score")
@@ -96,11 +146,16 @@ def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_
 @click.option("--source", required=True, help="folder of images (recursive) or .parquet table: path[, image]")
 @click.option("--output", required=True, help="Parquet output path (REST columns; mask as PNG bytes)")
 @click.option("--master", default=None, help="Spark master (default local[*], or SPARK_REMOTE when set)")
-def score_command(model_uri: str, source: str, output: str, master: str | None) -> None:
+@click.option("--category-column", default="", help="a line model: the .parquet column naming each image's category")
+@click.option("--category-from-folder", is_flag=False, type=bool, default=False, show_default=True,
+              help="a line model: each image's category is its parent folder's name")  # fmt: skip
+def score_command(
+    model_uri: str, source: str, output: str, master: str | None, category_column: str, category_from_folder: bool
+) -> None:
     """Batch-score a folder on Apache Spark with mlflow.pyfunc.spark_udf."""
     from . import spark
 
-    rows = spark.score(spark.session(master), model_uri, source, output)
+    rows = spark.score(spark.session(master), model_uri, source, output, category_column or None, category_from_folder)
     click.echo(json.dumps({"rows": rows, "output": output}))
 
 
@@ -117,9 +172,12 @@ def evaluate_command(model_uri: str, data: str) -> None:
 @click.option("--candidate", required=True, help="version number or alias of the candidate")
 @click.option("--metric", default="aupro", show_default=True, help="evaluation metric that decides")
 @click.option("--min-delta", type=float, default=0.0, show_default=True, help="margin the candidate must win by")
-def promote_command(model_name: str, candidate: str, metric: str, min_delta: float) -> None:
+@click.option("--max-category-drop", type=float, default=registry.MAX_CATEGORY_DROP, show_default=True,
+              help="line models: the most any one category may lose")  # fmt: skip
+def promote_command(model_name: str, candidate: str, metric: str, min_delta: float, max_category_drop: float) -> None:
     """Move @champion to the candidate if it beats the champion on the same data."""
-    click.echo(json.dumps(dataclasses.asdict(registry.promote(model_name, candidate, metric, min_delta))))
+    decision = registry.promote(model_name, candidate, metric, min_delta, max_category_drop)
+    click.echo(json.dumps(dataclasses.asdict(decision)))
 
 
 @cli.command("rollback")
@@ -130,15 +188,24 @@ def rollback_command(model_name: str) -> None:
 
 
 @cli.command("main")
-@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help=DATA_HELP)
 @click.option("--model-name", default="spade-anomaly", show_default=True)
 @click.option("--metric", default="aupro", show_default=True)
 @click.option("--min-delta", type=float, default=0.0, show_default=True)
+@click.option("--max-category-drop", type=float, default=registry.MAX_CATEGORY_DROP, show_default=True)
 @click.option("--skip-bad", is_flag=True)
+@_line_options
 @_config_options
-def main_command(data: str, model_name: str, metric: str, min_delta: float, skip_bad: bool, **options) -> None:
+def main_command(
+    data: str, model_name: str, metric: str, min_delta: float, max_category_drop: float, skip_bad: bool,
+    categories: str, category_settings: str, **options,
+) -> None:  # fmt: skip
     """The whole lifecycle: build bank -> evaluate -> register -> promote."""
-    decision = jobs.lifecycle(data, _config(options), model_name, metric, min_delta, skip_bad=skip_bad)
+    decision = jobs.lifecycle(
+        data, _config(options), model_name, metric, min_delta, skip_bad=skip_bad,
+        categories=parse_categories(categories), category_settings=category_settings or None,
+        max_category_drop=max_category_drop,
+    )  # fmt: skip
     click.echo(json.dumps(dataclasses.asdict(decision)))
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .backbone_specs import BACKBONES
@@ -188,6 +189,42 @@ class SpadeConfig:
     @classmethod
     def from_json(cls, text: str) -> SpadeConfig:
         return cls.from_dict(json.loads(text))
+
+
+def read_category_settings(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Per-category setting overrides from a JSON or YAML file: {category: {setting: value}}.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: not such a mapping, or an unknown setting.
+    """
+    import yaml  # MLflow's own dependency; YAML is a superset of JSON, so it reads both
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"category settings file {path.resolve()} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path} is neither JSON nor YAML: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ValueError(f'{path} must map each category to its settings, e.g. {{"bottle": {{"resize": 320}}}}.')
+    known = {f.name for f in dataclasses.fields(SpadeConfig)}
+    for category, settings in data.items():
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise ValueError(f"{path}: category {category!r} sets unknown settings {unknown}; valid: {sorted(known)}.")
+    return {str(k): v for k, v in data.items()}
+
+
+def parse_categories(text: str | None) -> list[str] | None:
+    """`-P categories=a,b` as a list (None when empty: every category of the root)."""
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return list(dict.fromkeys(names)) or None
+
+
+def with_settings(config: SpadeConfig, overrides: dict[str, Any]) -> SpadeConfig:
+    """`config` with `overrides` applied and validated (a list or comma string for `layers`)."""
+    return SpadeConfig.from_dict({**config.to_dict(), **overrides})
 
 
 def check_segment(segment: object) -> None:

@@ -65,6 +65,37 @@ def read_train(root: str | Path) -> list[Path]:
     return images
 
 
+def is_mvtec_folder(root: str | Path) -> bool:
+    """Whether `root` is itself one MVTec-layout folder (it has train/good)."""
+    return (Path(root) / "train" / NORMAL).is_dir()
+
+
+def find_categories(root: str | Path) -> tuple[dict[str, Path], list[str]]:
+    """The categories of a line root: each subfolder with a train/good, named after the folder.
+
+    Returns:
+        ({category: folder}, sorted by name; [why each other entry of `root` was ignored]).
+
+    Raises:
+        FileNotFoundError: `root` is not a folder, or holds no category.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist; pass an MVTec-layout folder, or a folder of them.")
+    found, ignored = {}, []
+    for entry in sorted(root.iterdir()):
+        if is_mvtec_folder(entry):
+            found[entry.name] = entry
+        else:
+            ignored.append(f"{entry.name}: {'a file' if entry.is_file() else 'no train/good'}, ignored")
+    if not found:
+        raise FileNotFoundError(
+            f"{root / 'train' / NORMAL} does not exist, and no subfolder of {root} has a train/{NORMAL}: {root} holds "
+            "no category. Pass an MVTec-layout folder, or a folder of them (one per part type)."
+        )
+    return found, ignored
+
+
 def has_masks(root: str | Path) -> bool:
     """Whether a test set has pixel masks (<root>/ground_truth); without, it has image labels only."""
     return (Path(root) / "ground_truth").is_dir()

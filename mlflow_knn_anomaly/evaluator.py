@@ -11,8 +11,13 @@ defect; None for normal images). It logs what the `evaluate` job logs: the metri
 Metrics are linked to the logged model and the evaluation dataset, so
 `mlflow.validate_evaluation_results` can gate a candidate against a baseline on any of them.
 Column names can be changed through the evaluator's config (keys `image_col`, `label_col`,
-`mask_col`, `defect_type_col`): `evaluators="knn_anomaly", evaluator_config={"image_col": "picture"}`,
-or with a list of evaluators, `evaluator_config={"knn_anomaly": {"image_col": "picture"}}`.
+`mask_col`, `defect_type_col`, `category_col`): `evaluators="knn_anomaly", evaluator_config={"image_col":
+"picture"}`, or with a list of evaluators, `evaluator_config={"knn_anomaly": {"image_col": "picture"}}`.
+
+A line model (several part types) needs a `category` column: each category is evaluated with its own
+detector, its figures logged as `<category>.<metric>` (plots under plots/<category>/), and each
+metric's mean over the categories that have it as `mean.<metric>`, with `mean.<metric>.n_categories`
+saying how many (categories with image labels only have no pixel metrics).
 """
 
 from __future__ import annotations
@@ -33,13 +38,21 @@ from mlflow.models.evaluation.artifacts import ImageEvaluationArtifact
 
 from .datasets import NORMAL, read_mask, read_test
 from .evaluation import Evaluation, LabelledImage, evaluate_samples
+from .line import LineDetector
 from .plots import overlay_grid, pro_curve_figure, roc_figure
 from .spade import SpadeDetector
 
 MODEL_TYPE = "anomaly-detection"
 EVALUATOR_NAME = "knn_anomaly"
 ANOMALOUS = "anomalous"  # the defect type of an anomalous row without a `defect_type` column
-COLUMNS = {"image_col": "image", "label_col": "label", "mask_col": "mask", "defect_type_col": "defect_type"}
+COLUMNS = {
+    "image_col": "image",
+    "label_col": "label",
+    "mask_col": "mask",
+    "defect_type_col": "defect_type",
+    "category_col": "category",
+}
+MEAN = "mean"
 NO_PIXEL_METRICS = "absent: image-level labels only (no masks were given)"
 
 
@@ -73,15 +86,55 @@ class SpadeEvaluator(ModelEvaluator):
             )
         detector = _detector(model)
         config = _columns(evaluator_config or {})
-        samples = samples_from_frame(dataset.features_data, dataset.labels_data, config)
-        result = evaluate_samples(detector, samples, progress=True)  # a bar only on a terminal
-        figures = flat_metrics(result)
         client = MlflowClient()
-        _log_metrics(client, run_id, figures, model_id or getattr(model, "model_id", None), dataset)
-        if not result.has_masks:
-            client.set_tag(run_id, "pixel_metrics", NO_PIXEL_METRICS)
-        artifacts = _log_plots(client, run_id, result, detector)
+        model_id = model_id or getattr(model, "model_id", None)
+        if isinstance(detector, LineDetector):
+            figures, artifacts = self._evaluate_line(client, run_id, detector, dataset, config)
+        else:
+            samples = samples_from_frame(dataset.features_data, dataset.labels_data, config)
+            result = evaluate_samples(detector, samples, progress=True)  # a bar only on a terminal
+            figures = flat_metrics(result)
+            if not result.has_masks:
+                client.set_tag(run_id, "pixel_metrics", NO_PIXEL_METRICS)
+            artifacts = _log_plots(client, run_id, result, detector)
+        _log_metrics(client, run_id, figures, model_id, dataset)
         return EvaluationResult(metrics=figures, artifacts=artifacts, run_id=run_id)
+
+    def _evaluate_line(self, client, run_id: str, line: LineDetector, dataset, config: dict[str, str]):
+        """Every category of the frame with its own detector: prefixed figures, their means, plots."""
+        features, labels = dataset.features_data, dataset.labels_data
+        column = config["category_col"]
+        if column not in features.columns:
+            raise MlflowException.invalid_parameter_value(
+                f"a line model is evaluated per category: the data needs a column '{column}' naming each row's "
+                f"category, one of {list(line.categories)}."
+            )
+        figures, artifacts, per_category = {}, {}, {}
+        for category in dict.fromkeys(features[column]):
+            try:
+                detector = line.detector(category)
+            except ValueError as exc:
+                raise MlflowException.invalid_parameter_value(f"evaluation data: {exc}") from None
+            rows = np.flatnonzero((features[column] == category).to_numpy())
+            part = features.iloc[rows].reset_index(drop=True)
+            samples = samples_from_frame(part, None if labels is None else np.asarray(labels)[rows], config)
+            result = evaluate_samples(detector, samples, progress=True)
+            per_category[category] = flat_metrics(result)
+            figures.update({f"{category}.{k}": v for k, v in per_category[category].items()})
+            plots = _log_plots(client, run_id, result, detector, folder=f"plots/{category}")
+            artifacts.update({f"{category}/{name}": artifact for name, artifact in plots.items()})
+        figures.update(category_means(per_category))
+        return figures, artifacts
+
+
+def category_means(per_category: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`mean.<metric>` over the categories that have each headline metric, and how many they are."""
+    means = {}
+    for key in dict.fromkeys(k for figures in per_category.values() for k in figures if "." not in k):
+        values = [figures[key] for figures in per_category.values() if key in figures]
+        means[f"{MEAN}.{key}"] = float(np.mean(values))
+        means[f"{MEAN}.{key}.n_categories"] = float(len(values))
+    return means
 
 
 def _columns(evaluator_config: dict) -> dict[str, str]:
@@ -94,8 +147,8 @@ def _columns(evaluator_config: dict) -> dict[str, str]:
     return {**COLUMNS, **evaluator_config}
 
 
-def _detector(model: Any) -> SpadeDetector:
-    """The native detector inside a loaded pyfunc model; any other model is refused."""
+def _detector(model: Any) -> SpadeDetector | LineDetector:
+    """The native detector (or line) inside a loaded pyfunc model; any other model is refused."""
     if model is None:
         raise MlflowException.invalid_parameter_value(
             f"the {EVALUATOR_NAME} evaluator scores the images itself: pass the model, not predictions."
@@ -104,7 +157,7 @@ def _detector(model: Any) -> SpadeDetector:
         detector = model.get_raw_model()
     except (AttributeError, NotImplementedError):
         detector = None
-    if not isinstance(detector, SpadeDetector):
+    if not isinstance(detector, (SpadeDetector, LineDetector)):
         raise MlflowException.invalid_parameter_value(
             f"the {EVALUATOR_NAME} evaluator evaluates mlflow_knn_anomaly models; this model's pyfunc "
             "gives no SpadeDetector (get_raw_model)."
@@ -188,9 +241,9 @@ def _log_metrics(client: MlflowClient, run_id: str, figures: dict[str, float], m
 
 
 def _log_plots(
-    client: MlflowClient, run_id: str, result: Evaluation, detector: SpadeDetector
+    client: MlflowClient, run_id: str, result: Evaluation, detector: SpadeDetector, folder: str = "plots"
 ) -> dict[str, ImageEvaluationArtifact]:
-    """plots/image_roc.png, plots/pro_curve.png (with masks), plots/overlays.png."""
+    """<folder>/image_roc.png, <folder>/pro_curve.png (with masks), <folder>/overlays.png."""
     pixel_t = result.metrics.get("pixel_f1_threshold", detector.thresholds()[1])
     figures = {"image_roc": roc_figure(result), "overlays": overlay_grid(result, pixel_t)}
     if result.has_masks:
@@ -198,7 +251,7 @@ def _log_plots(
     root = client.get_run(run_id).info.artifact_uri
     artifacts = {}
     for name, figure in figures.items():
-        path = f"plots/{name}.png"
+        path = f"{folder}/{name}.png"
         client.log_figure(run_id, figure, path)
         plt.close(figure)
         artifacts[name] = ImageEvaluationArtifact(uri=posixpath.join(root, path))

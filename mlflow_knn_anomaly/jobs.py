@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
@@ -22,14 +24,16 @@ from mlflow.exceptions import MlflowException
 
 from . import registry
 from .config import SpadeConfig
-from .datasets import make_synthetic, read_test, read_train
+from .datasets import find_categories, is_mvtec_folder, make_synthetic, read_test, read_train
 from .evaluation import PIXEL_METRICS
-from .evaluator import EVALUATOR_NAME, MODEL_TYPE, frame_from_folder
+from .evaluator import EVALUATOR_NAME, MEAN, MODEL_TYPE, frame_from_folder
 from .images import load_image
-from .pyfunc_model import load_model, log_model
+from .line import LineDetector
+from .pyfunc_model import is_line_model, load_model, log_model, model_categories, model_category
 from .spade import SpadeDetector, split_holdout
 
 SYNTHETIC = "synthetic"
+_logger = logging.getLogger(__name__)
 
 
 def resolve_data(data: str, workdir: Path) -> Path:
@@ -57,37 +61,60 @@ def find_bad_images(paths: list[Path]) -> list[tuple[Path, str]]:
 
 
 def build_bank(
-    data: str, config: SpadeConfig, model_name: str, skip_bad: bool = False, spark_master: str | None = None
+    data: str,
+    config: SpadeConfig,
+    model_name: str,
+    skip_bad: bool = False,
+    spark_master: str | None = None,
+    categories: list[str] | None = None,
+    category_settings: str | None = None,
 ) -> tuple[str, str]:
     """Fit a detector on <data>/train/good, log it and register a new version of `model_name`.
 
+    A `data` folder whose subfolders are MVTec-layout folders builds a line model instead, one
+    category per subfolder (`categories` picks some; `category_settings`, a JSON/YAML file,
+    overrides settings per category): see `line_jobs.build_line`.
     With `spark_master`, bank features are extracted by Spark tasks (bit-identical result).
 
     Returns:
         (run id, registered version).
     """
-    with tempfile.TemporaryDirectory() as tmp, _run("build_bank") as run:
+    with tempfile.TemporaryDirectory() as tmp:
         root = resolve_data(data, Path(tmp))
-        images = _readable_train_images(root, skip_bad)
-        split_holdout(images, config)  # too few images fails here, before any work
-        _log_config(config)
-        _log_new_params({"data": data, "n_train_images": len(images)})
-        mlflow.log_input(folder_dataset(root, images, "train"), context="training")
-        start = time.perf_counter()
-        if spark_master:
-            from . import spark
+        if not is_mvtec_folder(root):
+            if spark_master:
+                raise ValueError("--spark-master builds single-category models; build a line model without it.")
+            from . import line_jobs
 
-            detector = spark.build_bank(spark.session(spark_master), images, config)
-        else:
-            detector = SpadeDetector(config).fit(images, progress=True)
-        _log_fit(detector, len(images), time.perf_counter() - start)
-        info = _log_and_register(detector, model_name)
-        return run.info.run_id, str(info.registered_model_version)
+            return line_jobs.build_line(root, data, config, model_name, categories, category_settings, skip_bad)
+        if categories or category_settings:
+            from . import line_jobs
+
+            config = line_jobs.category_configs({root.name: root}, config, categories, category_settings)[root.name]
+        with run_of("build_bank") as run:
+            images = readable_train_images(root, skip_bad)
+            split_holdout(images, config)  # too few images fails here, before any work
+            log_config(config)
+            log_new_params({"data": data, "n_train_images": len(images)})
+            mlflow.log_input(folder_dataset(root, images, "train"), context="training")
+            start = time.perf_counter()
+            if spark_master:
+                from . import spark
+
+                detector = spark.build_bank(spark.session(spark_master), images, config)
+            else:
+                detector = SpadeDetector(config).fit(images, progress=True)
+            _log_fit(detector, len(images), time.perf_counter() - start)
+            info = log_and_register(detector, model_name, category=root.name)
+            return run.info.run_id, str(info.registered_model_version)
 
 
-def update_bank(model_uri: str, data: str, model_name: str | None = None, skip_bad: bool = False) -> tuple[str, str]:
+def update_bank(
+    model_uri: str, data: str, model_name: str | None = None, skip_bad: bool = False, category: str | None = None
+) -> tuple[str, str]:
     """Add <data>/train/good (new normal images) to a model's bank and register the result as a new
     version: same settings, enlarged bank, recalibrated. The version is tagged with its parent.
+    A line model needs `category`: only that category changes.
 
     Returns:
         (run id, registered version).
@@ -96,17 +123,26 @@ def update_bank(model_uri: str, data: str, model_name: str | None = None, skip_b
     name = model_name or (parent.versions[0].name if parent.versions else None)
     if name is None:
         raise ValueError(f"{model_uri} is not a registered model version: pass --model-name for the new version.")
-    with tempfile.TemporaryDirectory() as tmp, _run("update_bank") as run:
+    if is_line_model(model_uri):
+        from . import line_jobs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = resolve_data(data, Path(tmp))
+            return line_jobs.update_category(model_uri, root, data, category or "", name, skip_bad)
+    saved_category = model_category(model_uri)
+    if category and category != saved_category:
+        raise ValueError(f"{model_uri} holds the one category {saved_category!r}, not {category!r}.")
+    with tempfile.TemporaryDirectory() as tmp, run_of("update_bank") as run:
         root = resolve_data(data, Path(tmp))
-        images = _readable_train_images(root, skip_bad)
+        images = readable_train_images(root, skip_bad)
         detector = load_model(model_uri)
-        _log_new_params({"parent_model_uri": model_uri, "data": data, "n_new_images": len(images)})
-        _log_config(detector.config)
+        log_new_params({"parent_model_uri": model_uri, "data": data, "n_new_images": len(images)})
+        log_config(detector.config)
         mlflow.log_input(folder_dataset(root, images, "train"), context="training")
         start = time.perf_counter()
         updated = detector.update(images, progress=True)
         _log_fit(updated, len(images), time.perf_counter() - start)
-        info = _log_and_register(updated, name)
+        info = log_and_register(updated, name, category=saved_category)
         version = str(info.registered_model_version)
         client = MlflowClient()
         client.set_model_version_tag(name, version, "parent.model_uri", model_uri)
@@ -115,7 +151,7 @@ def update_bank(model_uri: str, data: str, model_name: str | None = None, skip_b
         return run.info.run_id, version
 
 
-def _log_and_register(detector: SpadeDetector, model_name: str):
+def log_and_register(detector: SpadeDetector | LineDetector, model_name: str, category: str | None = None):
     """Log the model and register it; a failed upload says where it failed and that nothing was registered.
 
     MLflow registers a version only once every file is stored, but its own error names only the
@@ -123,7 +159,8 @@ def _log_and_register(detector: SpadeDetector, model_name: str):
     which service to look at.
     """
     try:
-        return log_model(detector, name="model", registered_model_name=model_name)
+        extra = {} if category is None else {"category": category}
+        return log_model(detector, name="model", registered_model_name=model_name, **extra)
     except MlflowException as exc:
         where = (
             "the tracking server could not store the model's files in its artifact store (see the server's "
@@ -134,15 +171,16 @@ def _log_and_register(detector: SpadeDetector, model_name: str):
         raise RuntimeError(f"{where}; no version of {model_name!r} was registered. Cause: {exc.message}") from exc
 
 
-def _readable_train_images(root: Path, skip_bad: bool) -> list[Path]:
-    """<root>/train/good; unreadable images fail the job, or with `skip_bad` are logged and left out."""
+def readable_train_images(root: Path, skip_bad: bool, category: str | None = None) -> list[Path]:
+    """<root>/train/good; unreadable images fail the job, or with `skip_bad` are logged and left out
+    (in skipped_images.txt, or <category>/skipped_images.txt)."""
     images = read_train(root)
     bad = find_bad_images(images)
     if bad:
         listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
         if not skip_bad:
             raise ValueError(f"{len(bad)} unreadable training images:\n{listing}\nFix them or pass --skip-bad.")
-        mlflow.log_text(listing, "skipped_images.txt")
+        mlflow.log_text(listing, f"{category}/skipped_images.txt" if category else "skipped_images.txt")
         images = [p for p in images if p not in {b for b, _ in bad}]
     return images
 
@@ -175,6 +213,33 @@ def data_digest(root: Path) -> str:
     return content_digest(root, [p for s in read_test(root) for p in (s.path, s.mask_path) if p is not None])
 
 
+def line_digest(folders: dict[str, Path]) -> str:
+    """The content digest of a line's test sets: each category's name and test-set digest."""
+    text = "".join(f"{name}:{data_digest(path)};" for name, path in folders.items())
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def evaluation_folders(model_uri: str, root: Path) -> dict[str, Path] | None:
+    """A line model's test folders {category: folder} in `root` (a root of categories, or one MVTec
+    folder named after a category); None for a single-category model, which takes one folder.
+
+    Raises:
+        ValueError: the data holds none of the line's categories, or a root for a single model.
+    """
+    categories = model_categories(model_uri)
+    if categories is None:
+        if not is_mvtec_folder(root):
+            raise ValueError(f"{model_uri} is a single-category model: evaluate it on one MVTec-layout folder.")
+        return None
+    found = {root.name: root} if is_mvtec_folder(root) else find_categories(root)[0]
+    folders = {name: found[name] for name in categories if name in found}
+    if not folders:
+        raise ValueError(f"{root} holds none of the line model's categories {categories}; it holds {list(found)}.")
+    for name in sorted(set(found) - set(categories)):
+        _logger.info("evaluate: %s is not a category of %s, ignored", name, model_uri)
+    return folders
+
+
 def folder_dataset(root: Path, paths: list[Path], split: str) -> MetaDataset:
     """An MLflow dataset for a folder's images: its source is the folder, its digest our content
     digest (its first 32 hex digits: MLflow's digest column is short; the version tag keeps all 64)."""
@@ -182,10 +247,16 @@ def folder_dataset(root: Path, paths: list[Path], split: str) -> MetaDataset:
     return MetaDataset(source=_folder_source(root), name=f"{root.name}/{split}", digest=digest)
 
 
-def evaluation_dataset(root: Path, digest: str) -> PandasDataset:
+def evaluation_dataset(root: Path, digest: str, folders: dict[str, Path] | None = None) -> PandasDataset:
     """The test set as the evaluator's DataFrame (`frame_from_folder`), an MLflow dataset named and
-    sourced like `folder_dataset`, with the test set's content digest."""
-    frame = frame_from_folder(root)
+    sourced like `folder_dataset`, with the test set's content digest. With a line's `folders`, the
+    frame holds every category's test set and a `category` column."""
+    if folders is None:
+        frame = frame_from_folder(root)
+    else:
+        frame = pd.concat(
+            [frame_from_folder(path).assign(category=name) for name, path in folders.items()], ignore_index=True
+        )
     return mlflow.data.from_pandas(frame, source=_folder_source(root), name=f"{root.name}/test", digest=digest[:32])
 
 
@@ -197,13 +268,15 @@ def _folder_source(root: Path):
 
 def evaluate(model_uri: str, data: str) -> dict[str, float]:
     """Evaluate a model on <data>/test with the `knn_anomaly` MLflow evaluator (metrics linked to
-    the model and the test data, plots); tag the registered version(s) the URI names."""
-    with tempfile.TemporaryDirectory() as tmp, _run("evaluate"):
+    the model and the test data, plots); tag the registered version(s) the URI names. A line
+    model is evaluated per category (`<category>.<metric>`, and `mean.<metric>` over categories)."""
+    with tempfile.TemporaryDirectory() as tmp, run_of("evaluate"):
         root = resolve_data(data, Path(tmp))
         target = registry.model_ref(model_uri)
-        digest = data_digest(root)
-        _log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
-        dataset = evaluation_dataset(root, digest)
+        folders = evaluation_folders(model_uri, root)
+        digest = data_digest(root) if folders is None else line_digest(folders)
+        log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
+        dataset = evaluation_dataset(root, digest, folders)
         mlflow.log_input(dataset, context="evaluation")  # MLflow's evaluate logs it again, without the context
         result = mlflow.models.evaluate(
             model_uri,
@@ -212,41 +285,54 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
             evaluators=[EVALUATOR_NAME],
             model_id=target.model_id,
         )
+        prefixes = [""] if folders is None else [f"{name}." for name in [*folders, MEAN]]
         for version in target.versions:
-            _tag_version(version, result.metrics, digest)
+            _tag_version(version, result.metrics, digest, prefixes)
         return result.metrics
 
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_threshold", "pixel_f1_threshold")
 
 
-def _tag_version(version: ModelVersion, figures: dict[str, float], digest: str) -> None:
+def _tag_version(version: ModelVersion, figures: dict[str, float], digest: str, prefixes: list[str]) -> None:
     client = MlflowClient()
-    for key in (k for k in HEADLINE if k in figures):
+    for key in (p + k for p in prefixes for k in HEADLINE if p + k in figures):
         client.set_model_version_tag(version.name, version.version, registry.EVAL_PREFIX + key, f"{figures[key]:.6f}")
     client.set_model_version_tag(version.name, version.version, registry.DIGEST_TAG, digest)
     client.set_model_version_tag(version.name, version.version, "eval.run_id", mlflow.active_run().info.run_id)
 
 
 def lifecycle(
-    data: str, config: SpadeConfig, model_name: str, metric: str, min_delta: float, skip_bad: bool = False
+    data: str,
+    config: SpadeConfig,
+    model_name: str,
+    metric: str,
+    min_delta: float,
+    skip_bad: bool = False,
+    categories: list[str] | None = None,
+    category_settings: str | None = None,
+    max_category_drop: float = registry.MAX_CATEGORY_DROP,
 ) -> registry.Decision:
-    """build bank -> evaluate -> register -> promote, as nested runs of one parent run."""
-    with _run("main"):
-        _, version = build_bank(data, config, model_name, skip_bad=skip_bad)
+    """build bank -> evaluate -> register -> promote, as nested runs of one parent run (a root of
+    categories builds, evaluates and promotes a line model)."""
+    with run_of("main"):
+        _, version = build_bank(
+            data, config, model_name, skip_bad=skip_bad, categories=categories, category_settings=category_settings
+        )
         figures = evaluate(f"models:/{model_name}/{version}", data)
-        if metric not in figures and metric in PIXEL_METRICS:
+        line = any(key.startswith(f"{MEAN}.") for key in figures)
+        if (f"{MEAN}.{metric}" if line else metric) not in figures and metric in PIXEL_METRICS:
             metric = "image_auroc"  # image-level labels only: no pixel metric to decide on
-        decision = registry.promote(model_name, version, metric=metric, min_delta=min_delta)
+        decision = registry.promote(model_name, version, metric, min_delta, max_category_drop)
         mlflow.set_tags({"promotion.decision": "promoted" if decision.promoted else "kept", "version": version})
         return decision
 
 
-def _log_config(config: SpadeConfig) -> None:
-    _log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
+def log_config(config: SpadeConfig) -> None:
+    log_new_params({k: json.dumps(v) if isinstance(v, list) else v for k, v in config.to_dict().items()})
 
 
-def _log_new_params(params: dict) -> None:
+def log_new_params(params: dict) -> None:
     """Log params the run does not have yet. `mlflow run` logs its MLproject parameters on the same
     run before the job starts, spelt as given on the command line ('' for an empty list, 'true' for
     True); MLflow refuses to log a param again with another spelling, so those keep theirs."""
@@ -255,6 +341,6 @@ def _log_new_params(params: dict) -> None:
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
 
 
-def _run(name: str):
+def run_of(name: str):
     """A run of its own, nested under the active run if there is one (main's children)."""
     return mlflow.start_run(run_name=name, nested=mlflow.active_run() is not None)

@@ -1,8 +1,11 @@
 """The MLflow flavor: save / log / load a SpadeDetector as an `mlflow.pyfunc` model.
 
 Model input: a DataFrame with a `binary` column `image` of encoded PNG/JPEG/BMP/TIFF bytes (base64
-strings over REST). Output: one row per image, in input order, with the columns of `OUTPUT_COLUMNS`.
-A row that cannot be decoded gets a non-empty `error` and null results; the other rows still come.
+strings over REST) and, for a line model (several part types), a string column `category` naming
+each row's part type. Output: one row per image, in input order, with the columns of
+`OUTPUT_COLUMNS`. A row that cannot be decoded, or that names an unknown category, gets a
+non-empty `error` and null results; the other rows still come. Rows of one request may mix
+categories: they are run as one batch per category.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from PIL import Image
 
 from .config import OVERRIDES, check_segment, check_threshold
 from .images import load_image
+from .line import LineDetector, is_line
 from .runtime import configure_threads, server_workers
 from .spade import SpadeDetector
 from .version import __version__, serving_versions
@@ -33,6 +37,7 @@ from .version import __version__, serving_versions
 _logger = logging.getLogger(__name__)
 FLAVOR_NAME = "mlflow_knn_anomaly"
 INPUT_COLUMN = "image"
+CATEGORY_COLUMN = "category"
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -54,12 +59,13 @@ OUTPUT = (
     Column("is_anomalous", "boolean", "boolean", None),
     Column("segmented", "boolean", "boolean", None),
     Column("mask", "string", "object", ""),
+    Column("category", "string", "object", ""),
     Column("error", "string", "object", ""),
 )
 OUTPUT_COLUMNS = tuple(c.name for c in OUTPUT)
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("binary", INPUT_COLUMN)]),
+    inputs=Schema([ColSpec("binary", INPUT_COLUMN), ColSpec("string", CATEGORY_COLUMN, required=False)]),
     outputs=Schema([ColSpec(c.type, c.name, required=c.empty is not None) for c in OUTPUT]),
     params=ParamSchema(
         [
@@ -106,14 +112,20 @@ def decode_anomaly_map(text: str) -> np.ndarray:
 
 # ---- the pyfunc model ---------------------------------------------------------------------------
 class SpadePyfuncModel:
-    """What `mlflow.pyfunc.load_model` returns inside: validates rows and params, then predicts."""
+    """What `mlflow.pyfunc.load_model` returns inside: validates rows and params, then predicts.
 
-    def __init__(self, detector: SpadeDetector) -> None:
-        self.detector = detector
+    Args:
+        model: a single detector, or a line model (several categories).
+        category: a single detector's part type, when known (rows naming another are errors).
+    """
 
-    def get_raw_model(self) -> SpadeDetector:
-        """The native detector (`mlflow.pyfunc.load_model(uri).get_raw_model()`)."""
-        return self.detector
+    def __init__(self, model: SpadeDetector | LineDetector, category: str | None = None) -> None:
+        self.model = model
+        self.category = category
+
+    def get_raw_model(self) -> SpadeDetector | LineDetector:
+        """The native model (`mlflow.pyfunc.load_model(uri).get_raw_model()`)."""
+        return self.model
 
     def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         """Score a batch; a request that cannot be read raises MlflowException (HTTP 400 when served)."""
@@ -124,37 +136,74 @@ class SpadePyfuncModel:
             )
         try:
             options = _check_params(params or {})
+            categories = self._categories(model_input)
         except ValueError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
         rows: list[dict[str, Any]] = [{c.name: c.empty for c in OUTPUT} for _ in range(len(model_input))]
-        good, images = [], []
-        for i, value in enumerate(model_input[INPUT_COLUMN].tolist()):
+        groups: dict[str, tuple[list[int], list[Image.Image]]] = {}
+        for i, (value, category) in enumerate(zip(model_input[INPUT_COLUMN].tolist(), categories)):
+            rows[i]["category"] = category if isinstance(category, str) else ""
             try:
-                images.append(load_image(_as_bytes(value)))
-                good.append(i)
+                detector_key = self._check_row_category(category)
+                image = load_image(_as_bytes(value))
             except (ValueError, TypeError) as exc:
                 rows[i]["error"] = str(exc)
-        if images:
-            prediction = self.detector.predict(
+                continue
+            members = groups.setdefault(detector_key, ([], []))
+            members[0].append(i)
+            members[1].append(image)
+        for key, (indices, images) in groups.items():
+            detector = self.model.detector(key) if isinstance(self.model, LineDetector) else self.model
+            prediction = detector.predict(
                 images,
                 segment=options["segment"],
                 image_threshold=options["image_threshold"],
                 pixel_threshold=options["pixel_threshold"],
             )
-            for j, i in enumerate(good):
-                rows[i].update(
-                    score=float(prediction.scores[j]),
-                    normalized_score=float(prediction.normalized_scores[j]),
-                    is_anomalous=bool(prediction.is_anomalous[j]),
-                    segmented=bool(prediction.segmented[j]),
-                    mask=encode_mask(prediction.masks[j]) if prediction.segmented[j] else "",
-                )
-                if options["return_anomaly_map"]:
-                    rows[i]["anomaly_map"] = (
-                        encode_anomaly_map(prediction.anomaly_maps[j]) if prediction.segmented[j] else ""
-                    )
+            for j, i in enumerate(indices):
+                rows[i].update(_row(prediction, j, options["return_anomaly_map"]))
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
+
+    def _categories(self, frame: pd.DataFrame) -> list[object]:
+        """Each row's `category` cell ("" where absent or null); a line model needs the column."""
+        if CATEGORY_COLUMN not in frame.columns:
+            if isinstance(self.model, LineDetector):
+                raise ValueError(
+                    f"this is a line model of {len(self.model.categories)} part types: send a string column "
+                    f"'{CATEGORY_COLUMN}' naming each row's, one of {list(self.model.categories)}."
+                )
+            return [""] * len(frame)
+        column = frame[CATEGORY_COLUMN]
+        if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise ValueError(f"column '{CATEGORY_COLUMN}' holds {column.dtype} values; send category names as strings.")
+        return ["" if value is None or (isinstance(value, float) and np.isnan(value)) else value for value in column]
+
+    def _check_row_category(self, category: object) -> str:
+        """The key of the detector that scores a row; ValueError (a row error) when there is none."""
+        if not isinstance(category, str):
+            raise ValueError(f"category of type {type(category).__name__}; send the category name as a string.")
+        if isinstance(self.model, LineDetector):
+            return self.model.check_category(category)
+        if category not in ("", self.category):
+            held = f"part type {self.category!r}" if self.category else "one unnamed part type"
+            raise ValueError(f"unknown category {category!r}: this model holds {held}; send that, or no category.")
+        return ""
+
+
+def _row(prediction, j: int, with_map: bool) -> dict[str, Any]:
+    """Output fields of image j of a `Prediction`."""
+    segmented = bool(prediction.segmented[j])
+    row = {
+        "score": float(prediction.scores[j]),
+        "normalized_score": float(prediction.normalized_scores[j]),
+        "is_anomalous": bool(prediction.is_anomalous[j]),
+        "segmented": segmented,
+        "mask": encode_mask(prediction.masks[j]) if segmented else "",
+    }
+    if with_map:
+        row["anomaly_map"] = encode_anomaly_map(prediction.anomaly_maps[j]) if segmented else ""
+    return row
 
 
 def _as_bytes(value: object) -> bytes:
@@ -184,14 +233,27 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
-    """MLflow's loader hook: `data_path` is the saved detector directory inside the model."""
+    """MLflow's loader hook: `data_path` is the saved detector (or line) directory inside the model."""
     # Server workers share the free cores (`mlflow models serve -w N`); MLFLOW_KNN_ANOMALY_THREADS
     # overrides it all.
     workers = server_workers()
     threads = configure_threads(workers=workers)
     _log_to_stderr_unless_configured()
     _logger.info("mlflow-knn-anomaly: %d threads per process, %d worker process(es)", threads, workers)
-    return SpadePyfuncModel(SpadeDetector.load(data_path))
+    if is_line(data_path):
+        line = LineDetector.load(data_path)
+        _logger.info("mlflow-knn-anomaly: line model of %d categories %s", len(line.categories), line.categories)
+        return SpadePyfuncModel(line)
+    return SpadePyfuncModel(SpadeDetector.load(data_path), _saved_category(Path(data_path)))
+
+
+def _saved_category(data_path: Path) -> str | None:
+    """A single detector's category from its MLmodel (`data_path` is <model>/data/detector); None
+    for a model saved before categories existed."""
+    mlmodel = data_path.parents[1] / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    return Model.load(str(mlmodel)).flavors.get(FLAVOR_NAME, {}).get("category")
 
 
 def _log_to_stderr_unless_configured() -> None:
@@ -218,19 +280,32 @@ def example_image_bytes(size: int = 64) -> bytes:
 
 
 def save_model(
-    detector: SpadeDetector,
+    detector: SpadeDetector | LineDetector,
     path: str | Path,
     mlflow_model: Model | None = None,
     pip_requirements: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
+    category: str | None = None,
 ) -> None:
-    """Save as an MLflow model directory: detector data, the pyfunc loader, this flavor, MLmodel."""
+    """Save as an MLflow model directory: detector data, the pyfunc loader, this flavor, MLmodel.
+
+    Args:
+        detector: a single detector, or a line model.
+        category: a single detector's part type (a request naming another gets a row error).
+    """
+    line = isinstance(detector, LineDetector)
+    if line and category is not None:
+        raise ValueError("category names a single detector's part type; a line model names its own.")
     with tempfile.TemporaryDirectory() as tmp:
-        data = detector.save(Path(tmp) / "detector")
+        data = detector.save(Path(tmp) / ("line" if line else "detector"))
         mlflow_model = mlflow_model or Model()
         if metadata:
             mlflow_model.metadata = {**(mlflow_model.metadata or {}), **metadata}
-        mlflow_model.add_flavor(FLAVOR_NAME, data="data/detector", package_version=__version__)
+        flavor = {"categories": list(detector.categories)} if line else {"category": category}
+        mlflow_model.add_flavor(FLAVOR_NAME, data=f"data/{data.name}", package_version=__version__, **flavor)
+        example = {INPUT_COLUMN: [example_image_bytes()]}
+        if line:
+            example[CATEGORY_COLUMN] = [detector.categories[0]]
         mlflow.pyfunc.save_model(
             path=str(path),
             loader_module=f"{__package__}.pyfunc_model",
@@ -238,7 +313,7 @@ def save_model(
             code_paths=[str(PACKAGE_DIR)],
             mlflow_model=mlflow_model,
             signature=SIGNATURE,
-            input_example=pd.DataFrame({INPUT_COLUMN: [example_image_bytes()]}),
+            input_example=pd.DataFrame(example),
             pip_requirements=pip_requirements or default_pip_requirements(),
         )
 
@@ -262,8 +337,9 @@ def log_model(
     )
 
 
-def load_model(model_uri: str) -> SpadeDetector:
-    """The native SpadeDetector of a logged or registered model (e.g. "models:/NAME@champion")."""
+def load_model(model_uri: str) -> SpadeDetector | LineDetector:
+    """The native model of a logged or registered model (e.g. "models:/NAME@champion"): a
+    SpadeDetector, or a LineDetector for a line model."""
     try:
         local = Path(mlflow.artifacts.download_artifacts(model_uri))
     except MlflowException as exc:
@@ -271,4 +347,28 @@ def load_model(model_uri: str) -> SpadeDetector:
     conf = Model.load(str(local)).flavors.get(FLAVOR_NAME)
     if conf is None:
         raise ValueError(f"{model_uri} is not a {FLAVOR_NAME} model (its MLmodel lacks that flavor).")
-    return SpadeDetector.load(local / conf["data"])
+    data = local / conf["data"]
+    return LineDetector.load(data) if is_line(data) else SpadeDetector.load(data)
+
+
+def _flavor(model_uri: str) -> dict[str, Any]:
+    """This flavor's MLmodel entry of a model (only the MLmodel file is fetched)."""
+    try:
+        local = mlflow.artifacts.download_artifacts(model_uri.rstrip("/") + "/MLmodel")
+    except MlflowException as exc:
+        raise ValueError(f"cannot load {model_uri}: {exc.message} Check the model name, version or alias.") from exc
+    return Model.load(local).flavors.get(FLAVOR_NAME) or {}
+
+
+def model_category(model_uri: str) -> str | None:
+    """A single detector's saved category (None for a line model or a model saved without one)."""
+    return _flavor(model_uri).get("category")
+
+
+def model_categories(model_uri: str) -> list[str] | None:
+    """A line model's categories; None for a single-category model."""
+    return _flavor(model_uri).get("categories")
+
+
+def is_line_model(model_uri: str) -> bool:
+    return model_categories(model_uri) is not None

@@ -1,7 +1,9 @@
 """Model registry promotion with aliases: `champion`, `previous`, and evaluation tags.
 
 A version is promoted only when it was evaluated on the same data (same digest) as the current
-champion and beats it on the chosen metric by more than `min_delta`.
+champion and beats it on the chosen metric by more than `min_delta`. A line model (several
+categories) compares the mean of the metric over categories, and is refused when any category
+both were evaluated on drops by more than `max_category_drop`; the tags say which.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from mlflow.exceptions import MlflowException
 CHAMPION, PREVIOUS = "champion", "previous"
 EVAL_PREFIX = "eval."
 DIGEST_TAG = "eval.data_digest"
+MEAN = "mean"
+MAX_CATEGORY_DROP = 0.005
 
 
 @dataclass(frozen=True)
@@ -72,28 +76,50 @@ def evaluation_of(version: ModelVersion, metric: str) -> tuple[float, str]:
     return float(tags[key]), tags[DIGEST_TAG]
 
 
-def promote(name: str, candidate: str, metric: str = "aupro", min_delta: float = 0.0) -> Decision:
+def category_figures(version: ModelVersion, metric: str) -> dict[str, float]:
+    """{category: metric} of a line version's evaluation tags (`eval.<category>.<metric>`)."""
+    suffix = f".{metric}"
+    return {
+        key[len(EVAL_PREFIX) : -len(suffix)]: float(value)
+        for key, value in (version.tags or {}).items()
+        if key.startswith(EVAL_PREFIX) and key.endswith(suffix) and key.count(".") == 2
+        and key != f"{EVAL_PREFIX}{MEAN}{suffix}"
+    }  # fmt: skip
+
+
+def promote(
+    name: str,
+    candidate: str,
+    metric: str = "aupro",
+    min_delta: float = 0.0,
+    max_category_drop: float = MAX_CATEGORY_DROP,
+) -> Decision:
     """Move `champion` to the candidate if it wins; keep the old champion as `previous`.
 
-    The rule: candidate[metric] - champion[metric] > min_delta, both evaluated on the same data.
-    The decision is recorded as tags on the candidate version.
+    The rule: candidate[metric] - champion[metric] > min_delta, both evaluated on the same data; for
+    line models on the mean over categories, with no category losing more than `max_category_drop`.
+    The decision is recorded as tags on the candidate version (per category for line models:
+    `promotion.<category>.delta`, `promotion.lost`).
 
     Raises:
         ValueError: the candidate has no evaluation, or was evaluated on other data than the champion.
     """
     client = MlflowClient()
     version = resolve_version(client, name, candidate)
-    value, digest = evaluation_of(version, metric)
+    line = f"{EVAL_PREFIX}{MEAN}.{metric}" in (version.tags or {})
+    key = f"{MEAN}.{metric}" if line else metric
+    value, digest = evaluation_of(version, key)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         champion = None
+    tags = {}
     if champion is not None and champion.version == version.version:
         decision = Decision(False, version.version, champion.version, "the candidate already is the champion")
     elif champion is None:
         decision = Decision(True, version.version, None, "no champion yet")
     else:
-        best, best_digest = evaluation_of(champion, metric)
+        best, best_digest = evaluation_of(champion, key)
         if best_digest != digest:
             raise ValueError(
                 f"version {version.version} was evaluated on other data (digest {digest[:12]}) than champion "
@@ -101,17 +127,34 @@ def promote(name: str, candidate: str, metric: str = "aupro", min_delta: float =
             )
         wins = value - best > min_delta
         verdict = "beats" if wins else "does not beat"
-        reason = f"{metric} {value:.6f} {verdict} champion v{champion.version} {best:.6f} by more than {min_delta}"
+        reason = f"{key} {value:.6f} {verdict} champion v{champion.version} {best:.6f} by more than {min_delta}"
+        if line:
+            deltas = _category_deltas(version, champion, metric)
+            lost = {c: d for c, d in deltas.items() if d < -max_category_drop}
+            tags = {f"promotion.{c}.delta": f"{d:+.6f}" for c, d in deltas.items()}
+            tags["promotion.gained"] = ",".join(c for c, d in deltas.items() if d > 0)
+            tags["promotion.lost"] = ",".join(lost)
+            if lost:
+                wins = False
+                drops = ", ".join(f"{c} {d:+.6f}" for c, d in lost.items())
+                reason += f"; refused: {metric} drops by more than max_category_drop={max_category_drop} on {drops}"
         decision = Decision(wins, version.version, champion.version, reason)
     if decision.promoted:
         if champion is not None:
             client.set_registered_model_alias(name, PREVIOUS, champion.version)
         client.set_registered_model_alias(name, CHAMPION, version.version)
-    client.set_model_version_tag(
-        name, version.version, "promotion.decision", "promoted" if decision.promoted else "kept"
-    )
-    client.set_model_version_tag(name, version.version, "promotion.reason", decision.reason)
+    tags["promotion.decision"] = "promoted" if decision.promoted else "kept"
+    tags["promotion.reason"] = decision.reason
+    for tag, text in tags.items():
+        client.set_model_version_tag(name, version.version, tag, text)
     return decision
+
+
+def _category_deltas(candidate: ModelVersion, champion: ModelVersion, metric: str) -> dict[str, float]:
+    """candidate - champion per category both were evaluated on (a line version against a line or a
+    single one: a single-category champion has no per-category tags, so nothing to compare)."""
+    mine, theirs = category_figures(candidate, metric), category_figures(champion, metric)
+    return {c: mine[c] - theirs[c] for c in mine if c in theirs}
 
 
 def rollback(name: str) -> Decision:

@@ -340,21 +340,28 @@ class SpadeDetector:
         )
 
     # ---- persistence --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """Write config.json (settings, calibration, artifact hashes), weights.safetensors and bank/ atomically."""
+    def save(self, path: str | Path, with_weights: bool = True) -> Path:
+        """Write config.json (settings, calibration, artifact hashes), weights.safetensors (unless
+        `with_weights` is False: a line model's category) and bank/ atomically."""
         if self.calibration is None:
             raise RuntimeError("nothing to save: call fit(normal_images) first.")
         return artifacts.save_detector(
-            Path(path), self.config, self.calibration, self.backbone, self.bank, self.holdout
+            Path(path), self.config, self.calibration, self.backbone, self.bank, self.holdout, with_weights
         )
 
     @classmethod
-    def load(cls, path: str | Path, mmap: bool = True) -> SpadeDetector:
-        """Load a saved detector, verifying every artifact's sha256; the bank is memory-mapped."""
+    def load(cls, path: str | Path, mmap: bool = True, backbone: Backbone | None = None) -> SpadeDetector:
+        """Load a saved detector, verifying every artifact's sha256; the bank is memory-mapped.
+
+        Args:
+            backbone: the backbone to share (a line model's); None builds it from the saved weights.
+        """
         saved = artifacts.load_detector(Path(path), mmap=mmap)
-        detector = cls(
-            saved.config, backbone=build_backbone(saved.config.backbone, str(saved.weights), saved.config.pyramid)
-        )
+        if backbone is None:
+            if saved.weights is None:
+                raise ValueError(f"{path} holds no backbone weights (a line model's category): load the line model.")
+            backbone = build_backbone(saved.config.backbone, str(saved.weights), saved.config.pyramid)
+        detector = cls(saved.config, backbone=backbone)
         detector.use_bank(saved.bank)
         detector.calibration = saved.calibration
         detector.holdout = saved.holdout

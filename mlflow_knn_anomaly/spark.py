@@ -41,29 +41,53 @@ def session(master: str | None = None, app_name: str = "mlflow-knn-anomaly"):
     return builder.getOrCreate()
 
 
-def read_images(spark, source: str):
-    """DataFrame (path, image bytes), sorted by path, from a folder of images (searched
+def read_images(spark, source: str, category_column: str | None = None, category_from_folder: bool = False):
+    """DataFrame (path, image bytes[, category]), sorted by path, from a folder of images (searched
     recursively) or from a Parquet table with a `path` column and, optionally, an `image`
-    column of encoded bytes (without it, the paths are read)."""
+    column of encoded bytes (without it, the paths are read).
+
+    A line model's category comes from the table's `category_column`, or with
+    `category_from_folder` from each image's parent folder name.
+    """
+    from pyspark.sql import functions as F
+
     if source.endswith(".parquet"):
         table = spark.read.parquet(source)
         if "path" not in table.columns:
             raise ValueError(f"{source} has columns {table.columns}; expected 'path' and optionally 'image'.")
+        if category_column and category_column not in table.columns:
+            raise ValueError(f"{source} has no column {category_column!r} (--category-column); it has {table.columns}.")
+        keep = ["path"] + ([F.col(category_column).alias("category")] if category_column else [])
         if "image" in table.columns:
-            return table.select("path", "image").orderBy("path")
-        paths = [row.path for row in table.select("path").collect()]
-        return spark.read.format("binaryFile").load(paths).selectExpr("path", "content AS image").orderBy("path")
-    glob = "*.{" + ",".join(s.lstrip(".") for s in IMAGE_SUFFIXES) + "}"
-    frame = (
-        spark.read.format("binaryFile")
-        .option("pathGlobFilter", glob)
-        .option("recursiveFileLookup", "true")
-        .load(str(Path(source).resolve()))
-    )
-    return frame.selectExpr("path", "content AS image").orderBy("path")
+            frame = table.select(*keep, "image")
+        else:
+            paths = table.select(*keep)
+            files = spark.read.format("binaryFile").load([row.path for row in paths.select("path").collect()])
+            frame = files.selectExpr("path", "content AS image")
+            if category_column:  # binaryFile gives file: URIs; join on the file name's full path
+                paths = paths.withColumn("path", F.concat(F.lit("file:"), F.col("path")))
+                frame = frame.join(paths, "path", "left")
+    else:
+        if category_column:
+            raise ValueError("--category-column names a column of a .parquet source; for a folder use "
+                             "--category-from-folder true.")  # fmt: skip
+        glob = "*.{" + ",".join(s.lstrip(".") for s in IMAGE_SUFFIXES) + "}"
+        frame = (
+            spark.read.format("binaryFile")
+            .option("pathGlobFilter", glob)
+            .option("recursiveFileLookup", "true")
+            .load(str(Path(source).resolve()))
+            .selectExpr("path", "content AS image")
+        )
+    if category_from_folder:
+        frame = frame.withColumn("category", F.element_at(F.split("path", "/"), -2))
+    return frame.orderBy("path")
 
 
-def score(spark, model_uri: str, source: str, output: str) -> int:
+def score(
+    spark, model_uri: str, source: str, output: str, category_column: str | None = None,
+    category_from_folder: bool = False,
+) -> int:  # fmt: skip
     """Score every image of `source` (see `read_images`) and write Parquet with the REST columns.
 
     The mask column holds PNG bytes (not base64). Undecodable files become rows with an error.
@@ -74,8 +98,9 @@ def score(spark, model_uri: str, source: str, output: str) -> int:
     # spark_udf loads the model once per Python worker process and reuses it for every batch.
     result_type = ", ".join(f"{name} string" for name in COLUMNS)
     predict = mlflow.pyfunc.spark_udf(spark, model_uri, result_type=result_type, env_manager="local")
-    images = read_images(spark, source)
-    scored = images.select("path", predict(F.struct("image")).alias("r"))
+    images = read_images(spark, source, category_column, category_from_folder)
+    inputs = ["image", "category"] if "category" in images.columns else ["image"]
+    scored = images.select("path", predict(F.struct(*inputs)).alias("r"))
     fields = [
         F.when(F.col(f"r.{n}") == "<NA>", None).otherwise(F.col(f"r.{n}")).cast(t).alias(n) for n, t in COLUMNS.items()
     ]
