@@ -67,13 +67,15 @@ def test_a_root_builds_evaluates_and_changes_one_category_at_a_time(tracking, li
     assert {"disc.image_auroc", "disc.aupro", "plate.image_auroc", "mean.image_auroc", "mean.aupro"} <= set(figures)
     assert "plate.aupro" not in figures
     assert figures["mean.aupro.n_categories"] == 1 and figures["mean.image_auroc.n_categories"] == 2
-    assert figures["mean.image_auroc"] == pytest.approx((figures["disc.image_auroc"] + figures["plate.image_auroc"]) / 2)
+    both = (figures["disc.image_auroc"] + figures["plate.image_auroc"]) / 2
+    assert figures["mean.image_auroc"] == pytest.approx(both)
     tags = tracking.get_model_version("line", "1").tags
     assert float(tags["eval.mean.aupro"]) == pytest.approx(figures["mean.aupro"], abs=1e-6)
 
     _, v2 = line_jobs.add_category("models:/line/1", str(new_part), "ring")
     tags = tracking.get_model_version("line", v2).tags
-    assert (tags["line.categories"], tags["parent.version"], tags["line.change"]) == ("disc,plate,ring", "1", "added ring")
+    assert (tags["line.categories"], tags["parent.version"]) == ("disc,plate,ring", "1")
+    assert tags["line.change"] == "added ring"
     for category in ("disc", "plate"):  # left alone: byte for byte
         assert _category_files("models:/line/1", category) == _category_files(f"models:/line/{v2}", category)
 
@@ -137,7 +139,7 @@ def _bad_root(tmp_path: Path, line_root: Path, kind: str) -> tuple[str, dict]:
         ("spaces", ValueError, "'disc plate' is not allowed.*Rename the folder"),
         ("backbones", ValueError, r"weights: default for \['disc'\]; random for \['plate'\]"),
         ("unknown setting", ValueError, r"unknown settings \['sigmaa'\]"),
-        ("unknown category", ValueError, r"names \['bottle'\], which the data does not hold; it holds \['disc', 'plate'\]"),
+        ("unknown category", ValueError, r"names \['bottle'\], which the data does not hold; it holds \['disc', "),
     ],
 )  # fmt: skip
 def test_bad_roots_fail_before_any_work_and_register_nothing(tracking, tmp_path, line_root, kind, error, message):

@@ -67,3 +67,37 @@ def test_model_ref_resolves_a_version_an_alias_and_a_logged_model_to_the_same_ve
         ref = registry.model_ref(uri)
         assert (ref.model_id, [str(v.version) for v in ref.versions]) == (logged.model_id, ["1"]), uri
     assert registry.model_ref("runs:/abc/model").versions == []
+
+
+def _line_version(client, tmp_path, figures: dict[str, float], digest="A"):
+    """A line version evaluated with `figures` {category: aupro} (their mean as eval.mean.aupro)."""
+    version = str(client.create_model_version("m", source=str(tmp_path)).version)
+    for category, value in figures.items():
+        client.set_model_version_tag("m", version, f"eval.{category}.aupro", str(value))
+    client.set_model_version_tag("m", version, "eval.mean.aupro", str(sum(figures.values()) / len(figures)))
+    client.set_model_version_tag("m", version, registry.DIGEST_TAG, digest)
+    return version
+
+
+def test_a_line_candidate_that_drops_one_category_is_refused_and_the_tags_say_which(client, tmp_path):
+    v1 = _line_version(client, tmp_path, {"bottle": 0.90, "tile": 0.80, "plate": 0.70})
+    registry.promote("m", v1)
+    v2 = _line_version(client, tmp_path, {"bottle": 0.99, "tile": 0.797, "plate": 0.687})  # mean +0.025
+    decision = registry.promote("m", v2, max_category_drop=0.005)
+    assert not decision.promoted and _alias(client, "champion") == v1
+    assert "refused" in decision.reason and "plate -0.013000" in decision.reason
+    tags = client.get_model_version("m", v2).tags
+    assert tags["promotion.lost"] == "plate" and tags["promotion.gained"] == "bottle"
+    assert (tags["promotion.bottle.delta"], tags["promotion.plate.delta"]) == ("+0.090000", "-0.013000")
+    assert tags["promotion.tile.delta"] == "-0.003000"  # within the limit
+    assert registry.promote("m", v2, max_category_drop=0.02).promoted
+    assert _alias(client, "champion") == v2
+
+
+def test_a_line_candidate_is_compared_on_the_mean_over_categories(client, tmp_path):
+    v1 = _line_version(client, tmp_path, {"bottle": 0.90, "tile": 0.80})
+    registry.promote("m", v1)
+    v2 = _line_version(client, tmp_path, {"bottle": 0.902, "tile": 0.798})  # mean equal: no win
+    assert not registry.promote("m", v2).promoted
+    v3 = _line_version(client, tmp_path, {"bottle": 0.91, "tile": 0.797})
+    assert registry.promote("m", v3).promoted
