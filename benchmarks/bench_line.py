@@ -223,13 +223,12 @@ def main() -> None:
     half = len(single_ms) // 2
     noise = abs(np.median(single_ms[:half]) - np.median(single_ms[half:]))
     print("\n| per image (REST, decoding included) | p50 ms | p95 ms |\n|---|---|---|")
-    print(
-        f"| line model, mixed requests of {len(folders)} | {np.median(line_ms):.1f} | {np.percentile(line_ms, 95):.1f} |"
-    )
-    print(
-        f"| line model, one image per request | {np.median(line_one_ms):.1f} | {np.percentile(line_one_ms, 95):.1f} |"
-    )
-    print(f"| single models, one image per request | {np.median(single_ms):.1f} | {np.percentile(single_ms, 95):.1f} |")
+    for label, values in (
+        (f"line model, mixed requests of {len(folders)} images", line_ms),
+        ("line model, one image per request", line_one_ms),
+        ("single models, one image per request", single_ms),
+    ):
+        print(f"| {label} | {np.median(values):.1f} | {np.percentile(values, 95):.1f} |")
     print(f"\nnoise (p50 of the single servers' first half of rounds against their second half): {noise:.1f} ms")
     for server in [line_server, *single_servers.values()]:
         server.stop()
