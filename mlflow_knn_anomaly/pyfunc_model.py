@@ -30,7 +30,7 @@ from PIL import Image
 from .config import OVERRIDES, check_segment, check_threshold
 from .images import load_image
 from .line import LineDetector, is_line
-from .runtime import configure_threads, server_workers
+from .runtime import configure_threads, server_workers, threads_kept
 from .spade import SpadeDetector
 from .version import __version__, serving_versions
 
@@ -306,16 +306,17 @@ def save_model(
         example = {INPUT_COLUMN: [example_image_bytes()]}
         if line:
             example[CATEGORY_COLUMN] = [detector.categories[0]]
-        mlflow.pyfunc.save_model(
-            path=str(path),
-            loader_module=f"{__package__}.pyfunc_model",
-            data_path=str(data),
-            code_paths=[str(PACKAGE_DIR)],
-            mlflow_model=mlflow_model,
-            signature=SIGNATURE,
-            input_example=pd.DataFrame(example),
-            pip_requirements=pip_requirements or default_pip_requirements(),
-        )
+        with threads_kept():  # MLflow loads the model to validate the example: see `threads_kept`
+            mlflow.pyfunc.save_model(
+                path=str(path),
+                loader_module=f"{__package__}.pyfunc_model",
+                data_path=str(data),
+                code_paths=[str(PACKAGE_DIR)],
+                mlflow_model=mlflow_model,
+                signature=SIGNATURE,
+                input_example=pd.DataFrame(example),
+                pip_requirements=pip_requirements or default_pip_requirements(),
+            )
 
 
 def default_pip_requirements() -> list[str]:
@@ -324,7 +325,7 @@ def default_pip_requirements() -> list[str]:
 
 
 def log_model(
-    detector: SpadeDetector, name: str = "model", registered_model_name: str | None = None, **kwargs: Any
+    detector: SpadeDetector | LineDetector, name: str = "model", registered_model_name: str | None = None, **kwargs: Any
 ) -> mlflow.models.model.ModelInfo:
     """Log the detector as a model of the active run (and register it when a name is given)."""
     return Model.log(

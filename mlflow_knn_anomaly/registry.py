@@ -2,8 +2,8 @@
 
 A version is promoted only when it was evaluated on the same data (same digest) as the current
 champion and beats it on the chosen metric by more than `min_delta`. A line model (several
-categories) compares the mean of the metric over categories, and is refused when any category
-both were evaluated on drops by more than `max_category_drop`; the tags say which.
+categories) compares category by category (`_line_decision`): the mean over the categories both
+were evaluated on, and no category may drop by more than `max_category_drop`; the tags say which.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def category_figures(version: ModelVersion, metric: str) -> dict[str, float]:
         key[len(EVAL_PREFIX) : -len(suffix)]: float(value)
         for key, value in (version.tags or {}).items()
         if key.startswith(EVAL_PREFIX) and key.endswith(suffix) and key.count(".") == 2
-        and key != f"{EVAL_PREFIX}{MEAN}{suffix}"
+        and key != f"{EVAL_PREFIX}{MEAN}{suffix}" and metric != "data_digest"
     }  # fmt: skip
 
 
@@ -96,10 +96,9 @@ def promote(
 ) -> Decision:
     """Move `champion` to the candidate if it wins; keep the old champion as `previous`.
 
-    The rule: candidate[metric] - champion[metric] > min_delta, both evaluated on the same data; for
-    line models on the mean over categories, with no category losing more than `max_category_drop`.
-    The decision is recorded as tags on the candidate version (per category for line models:
-    `promotion.<category>.delta`, `promotion.lost`).
+    The rule: candidate[metric] - champion[metric] > min_delta, both evaluated on the same data.
+    Line models: see `_line_decision`. The decision is recorded as tags on the candidate version
+    (per category for line models: `promotion.<category>.delta`, `promotion.gained`, `promotion.lost`).
 
     Raises:
         ValueError: the candidate has no evaluation, or was evaluated on other data than the champion.
@@ -107,8 +106,7 @@ def promote(
     client = MlflowClient()
     version = resolve_version(client, name, candidate)
     line = f"{EVAL_PREFIX}{MEAN}.{metric}" in (version.tags or {})
-    key = f"{MEAN}.{metric}" if line else metric
-    value, digest = evaluation_of(version, key)
+    value, digest = evaluation_of(version, f"{MEAN}.{metric}" if line else metric)
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
@@ -118,8 +116,10 @@ def promote(
         decision = Decision(False, version.version, champion.version, "the candidate already is the champion")
     elif champion is None:
         decision = Decision(True, version.version, None, "no champion yet")
+    elif line:
+        decision, tags = _line_decision(version, champion, metric, min_delta, max_category_drop)
     else:
-        best, best_digest = evaluation_of(champion, key)
+        best, best_digest = evaluation_of(champion, metric)
         if best_digest != digest:
             raise ValueError(
                 f"version {version.version} was evaluated on other data (digest {digest[:12]}) than champion "
@@ -127,17 +127,7 @@ def promote(
             )
         wins = value - best > min_delta
         verdict = "beats" if wins else "does not beat"
-        reason = f"{key} {value:.6f} {verdict} champion v{champion.version} {best:.6f} by more than {min_delta}"
-        if line:
-            deltas = _category_deltas(version, champion, metric)
-            lost = {c: d for c, d in deltas.items() if d < -max_category_drop}
-            tags = {f"promotion.{c}.delta": f"{d:+.6f}" for c, d in deltas.items()}
-            tags["promotion.gained"] = ",".join(c for c, d in deltas.items() if d > 0)
-            tags["promotion.lost"] = ",".join(lost)
-            if lost:
-                wins = False
-                drops = ", ".join(f"{c} {d:+.6f}" for c, d in lost.items())
-                reason += f"; refused: {metric} drops by more than max_category_drop={max_category_drop} on {drops}"
+        reason = f"{metric} {value:.6f} {verdict} champion v{champion.version} {best:.6f} by more than {min_delta}"
         decision = Decision(wins, version.version, champion.version, reason)
     if decision.promoted:
         if champion is not None:
@@ -150,11 +140,57 @@ def promote(
     return decision
 
 
-def _category_deltas(candidate: ModelVersion, champion: ModelVersion, metric: str) -> dict[str, float]:
-    """candidate - champion per category both were evaluated on (a line version against a line or a
-    single one: a single-category champion has no per-category tags, so nothing to compare)."""
-    mine, theirs = category_figures(candidate, metric), category_figures(champion, metric)
-    return {c: mine[c] - theirs[c] for c in mine if c in theirs}
+def _line_decision(
+    version: ModelVersion, champion: ModelVersion, metric: str, min_delta: float, max_category_drop: float
+) -> tuple[Decision, dict[str, str]]:
+    """A line candidate against the champion, category by category.
+
+    Compared on the categories both were evaluated on, each on the same data (its own digest):
+    the candidate must beat the champion's mean over them by more than `min_delta`, and no one of
+    them may lose more than `max_category_drop`. A candidate that changes which part types the line
+    covers (add_category, remove_category) wins on coverage instead of on the mean: it is promoted
+    when no shared category loses more than `max_category_drop`.
+
+    Raises:
+        ValueError: the champion is no evaluated line, they share no category, or a shared category
+            was evaluated on other data.
+    """
+    mine, theirs = category_figures(version, metric), category_figures(champion, metric)
+    if not theirs:
+        raise ValueError(
+            f"champion v{champion.version} has no per-category evaluation ({EVAL_PREFIX}<category>.{metric}): "
+            "a line candidate is compared with a line champion; evaluate the champion on the same root first."
+        )
+    common = [c for c in mine if c in theirs]
+    if not common:
+        raise ValueError(f"v{version.version} and champion v{champion.version} share no evaluated category.")
+    for c in common:
+        key = f"{EVAL_PREFIX}{c}.data_digest"
+        if version.tags.get(key) != champion.tags.get(key):
+            raise ValueError(
+                f"category {c!r} of v{version.version} was evaluated on other data than champion "
+                f"v{champion.version}'s; evaluate both on the same data first."
+            )
+    deltas = {c: mine[c] - theirs[c] for c in common}
+    lost = {c: d for c, d in deltas.items() if d < -max_category_drop}
+    added, removed = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    value, best = sum(mine[c] for c in common) / len(common), sum(theirs[c] for c in common) / len(common)
+    coverage = bool(added or removed)
+    wins = not lost and (coverage or value - best > min_delta)
+    reason = (
+        f"mean {metric} over the {len(common)} shared categories {value:.6f} against champion v{champion.version} "
+        f"{best:.6f} (min_delta {min_delta})"
+    )
+    if coverage:
+        reason += f"; covers other part types (added {added}, removed {removed}): promoted unless a shared one loses"
+    if lost:
+        drops = ", ".join(f"{c} {d:+.6f}" for c, d in lost.items())
+        reason += f"; refused: {metric} drops by more than max_category_drop={max_category_drop} on {drops}"
+    tags = {f"promotion.{c}.delta": f"{d:+.6f}" for c, d in deltas.items()}
+    tags["promotion.gained"] = ",".join(c for c, d in deltas.items() if d > 0)
+    tags["promotion.lost"] = ",".join(lost)
+    tags["promotion.added"], tags["promotion.removed"] = ",".join(added), ",".join(removed)
+    return Decision(wins, version.version, champion.version, reason), tags
 
 
 def rollback(name: str) -> Decision:

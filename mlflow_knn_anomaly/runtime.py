@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +32,22 @@ def configure_threads(threads: int | None = None, workers: int = 1) -> int:
     torch.set_num_threads(n)
     faiss.omp_set_num_threads(n)
     return n
+
+
+@contextmanager
+def threads_kept() -> Iterator[None]:
+    """Restore torch's and faiss's thread counts on exit. MLflow validates a model's input example
+    by loading it, and the loader sizes threads for serving; a build that saves a model must not
+    change how the rest of its process computes (features summed with another thread count differ
+    in the last bits)."""
+    import faiss
+
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
 
 
 def resolve_device(device: str) -> torch.device:

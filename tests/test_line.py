@@ -156,3 +156,17 @@ def test_a_single_model_needs_no_category_and_refuses_another(fitted, tmp_path, 
     assert plain["error"][0] == "" and list(out["error"] == "") == [True, True, False]
     assert out["score"][0] == out["score"][1] == plain["score"][0]
     assert "unknown category 'bottle'" in out["error"][2] and "'synthetic'" in out["error"][2]
+
+
+def test_saving_a_model_leaves_the_process_thread_count_alone(line, tmp_path):
+    """MLflow loads a model to validate its input example; the loader's thread sizing must not leak
+    into the build that saves it (features summed with other thread counts differ in the last bits)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # what no loader picks on this machine's 2 cores
+    try:
+        save_model(line, tmp_path / "model")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)

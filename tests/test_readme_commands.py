@@ -34,12 +34,18 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NEW_NORMAL = "new normal images"  # built by the sandbox: see `_new_normal_images`
+PLANT = "a line root"  # built by the sandbox: see `_plant`
+PLANT_IMAGES = "images of two part types"
 DATA = {  # README folder -> shared data set (under ../shared/data)
     "/data/mvtec/bottle": "mvtec_bottle",
     "/data/tiles": "magnetic_tile",
     "/data/images": "mvtec_bottle/test/broken_large",
     "/data/mvtec/bottle-new": NEW_NORMAL,
+    "/data/plant": PLANT,
+    "/data/plant/transistor": PLANT,
+    "/data/plant-images": PLANT_IMAGES,
 }
+PLANT_PARTS = {"bottle": "mvtec_bottle", "metal_plate": "mpdd_metal_plate", "transistor": "mvtec_transistor"}
 FILES = {"part.png": "mvtec_bottle/test/broken_large/000.png"}
 DATA_FOLDER = re.compile(r"(?<![\w./-])/data/[\w./-]*\w")  # not ../shared/data/...
 RUN_ALL = os.environ.get("MLFLOW_KNN_ANOMALY_README_ALL") == "1"
@@ -140,6 +146,7 @@ class Sandbox:
         self.env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_ID=experiment)
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env['PATH']}"
         self.new_normal = _new_normal_images(self.data / "mvtec_bottle", tmp / "bottle-new")
+        self.plant, self.plant_images = _plant(self.data, tmp / "plant"), _plant_images(self.data, tmp / "plant-images")
         self.port = free_port()
         self.server: subprocess.Popen | None = None
         self.server_log = tmp / "server.log"
@@ -150,7 +157,10 @@ class Sandbox:
         def folder(match: re.Match) -> str:
             name = match.group(0)
             assert name in DATA, f"README uses {name}: map it to a shared data set in DATA"
-            return str(self.new_normal if DATA[name] == NEW_NORMAL else self.data / DATA[name])
+            built = {NEW_NORMAL: self.new_normal, PLANT: self.plant, PLANT_IMAGES: self.plant_images}
+            if DATA[name] == PLANT:
+                return str(self.plant / name.removeprefix("/data/plant").lstrip("/"))
+            return str(built[DATA[name]] if DATA[name] in built else self.data / DATA[name])
 
         text = DATA_FOLDER.sub(folder, text)
         for placeholder, shared in FILES.items():
@@ -194,8 +204,11 @@ class Sandbox:
             self.server.wait(timeout=60)
             self.server = None
 
-    def champion(self) -> str:
-        return str(self.client.get_model_version_by_alias("bottle", "champion").version)
+    def champion(self, name: str = "bottle") -> str:
+        return str(self.client.get_model_version_by_alias(name, "champion").version)
+
+    def newest(self, name: str):
+        return max(self.client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
 
 
 def _copy_project(target: Path) -> Path:
@@ -221,6 +234,23 @@ def _new_normal_images(bottle: Path, root: Path, count: int = 20) -> Path:
     return root
 
 
+def _plant(data: Path, root: Path) -> Path:
+    """A line root: one folder per part type, linked to the shared sets (`PLANT_PARTS`)."""
+    root.mkdir()
+    for name, shared in PLANT_PARTS.items():
+        (root / name).symlink_to(data / shared, target_is_directory=True)
+    return root
+
+
+def _plant_images(data: Path, root: Path, count: int = 3) -> Path:
+    """A folder of production images, a subfolder per part type (copies: Spark reads real files)."""
+    for name in ("bottle", "metal_plate"):
+        (root / name).mkdir(parents=True)
+        for path in sorted((data / PLANT_PARTS[name] / "test" / "good").glob("*.png"))[:count]:
+            shutil.copy(path, root / name / path.name)
+    return root
+
+
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     box = Sandbox(tmp_path_factory.mktemp("readme"))
@@ -233,24 +263,34 @@ def sandbox(tmp_path_factory):
 def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess) -> None:
     """What the README says the command does, beyond its exit status."""
     text = step.text
+    name = "line" if re.search(r"models:/line\b|model_name=line\b", text) else "bottle"
     if "-e promote" in text:
-        assert sandbox.champion() == "2"
+        assert sandbox.champion(name) == "2"
     elif "-e rollback" in text:
         assert sandbox.champion() == "1"
     elif "-e update_bank" in text:
-        newest = max(sandbox.client.search_model_versions("name='bottle'"), key=lambda v: int(v.version))
-        assert newest.tags["parent.version"] == sandbox.champion()
+        assert sandbox.newest(name).tags["parent.version"] == sandbox.champion(name)
+    elif "-e add_category" in text or "-e remove_category" in text:
+        tags = sandbox.newest("line").tags
+        assert tags["line.change"].startswith(("added", "removed")) and tags["line.unchanged"]
     elif "-e evaluate" in text:
         uri = re.search(r"model_uri=(\S+)", sandbox.localize(text)).group(1)
         with mlflow_store(sandbox.env["MLFLOW_TRACKING_URI"]):
             versions = registry.model_ref(uri).versions
         tags = [sandbox.client.get_model_version(v.name, v.version).tags for v in versions]
-        assert tags and all("eval.aupro" in t for t in tags)
+        assert tags and all(("eval.mean.aupro" if name == "line" else "eval.aupro") in t for t in tags)
     elif text.startswith("mlflow models serve"):
-        assert "2 worker process(es)" in done.stderr
+        assert f"{2 if ' -w 2' in text else 1} worker process(es)" in done.stderr
+    elif text.startswith("curl") and '\\"category\\"' in text:
+        rows = json.loads(done.stdout)["predictions"]
+        assert rows[0]["error"] == "" and rows[0]["category"] == "bottle"
+        assert "unknown category 'gear'" in rows[1]["error"]
     elif text.startswith("curl"):
         row = json.loads(done.stdout)["predictions"][0]
         assert row["error"] == "" and row["mask"]
+    elif "line-scores.parquet" in text:
+        scores = pd.read_parquet(sandbox.cwd / "line-scores.parquet")
+        assert sorted(set(scores["category"])) == ["bottle", "metal_plate"] and (scores["error"] == "").all()
     elif "score" in text.split()[:3] or "-e score" in text:
         scores = pd.read_parquet(sandbox.cwd / "scores.parquet")
         assert len(scores) == 20 and (scores["error"] == "").all()
@@ -277,7 +317,8 @@ def test_readme_command_runs_as_written(sandbox, step):
 
 def test_the_readme_has_commands_for_every_entry_point():
     commands = " ".join(s.text for s in STEPS)
-    for entry_point in ("build_bank", "update_bank", "evaluate", "promote", "rollback", "score"):
+    for entry_point in ("build_bank", "update_bank", "evaluate", "promote", "rollback", "score", "add_category",
+                        "remove_category"):  # fmt: skip
         assert f"-e {entry_point}" in commands, entry_point
     assert "model_uri=models:/bottle/2" in commands
     text = README.read_text()  # the other forms, tests/test_registry.py resolves each

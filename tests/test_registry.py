@@ -74,6 +74,7 @@ def _line_version(client, tmp_path, figures: dict[str, float], digest="A"):
     version = str(client.create_model_version("m", source=str(tmp_path)).version)
     for category, value in figures.items():
         client.set_model_version_tag("m", version, f"eval.{category}.aupro", str(value))
+        client.set_model_version_tag("m", version, f"eval.{category}.data_digest", digest + category)
     client.set_model_version_tag("m", version, "eval.mean.aupro", str(sum(figures.values()) / len(figures)))
     client.set_model_version_tag("m", version, registry.DIGEST_TAG, digest)
     return version
@@ -101,3 +102,21 @@ def test_a_line_candidate_is_compared_on_the_mean_over_categories(client, tmp_pa
     assert not registry.promote("m", v2).promoted
     v3 = _line_version(client, tmp_path, {"bottle": 0.91, "tile": 0.797})
     assert registry.promote("m", v3).promoted
+
+
+def test_a_line_that_adds_a_part_type_is_promoted_unless_a_shared_one_loses(client, tmp_path):
+    v1 = _line_version(client, tmp_path, {"bottle": 0.90, "tile": 0.80})
+    registry.promote("m", v1)
+    v2 = _line_version(client, tmp_path, {"bottle": 0.90, "tile": 0.80, "plate": 0.5})  # add_category: ties
+    decision = registry.promote("m", v2)
+    assert decision.promoted and "added ['plate']" in decision.reason
+    assert client.get_model_version("m", v2).tags["promotion.added"] == "plate"
+    v3 = _line_version(client, tmp_path, {"bottle": 0.80, "tile": 0.80, "plate": 0.5, "ring": 0.9})
+    assert not registry.promote("m", v3).promoted  # bottle lost 0.1
+
+
+def test_line_categories_evaluated_on_other_data_are_not_compared(client, tmp_path):
+    registry.promote("m", _line_version(client, tmp_path, {"bottle": 0.90}))
+    v2 = _line_version(client, tmp_path, {"bottle": 0.95}, digest="B")
+    with pytest.raises(ValueError, match="category 'bottle' of v2 was evaluated on other data"):
+        registry.promote("m", v2)
