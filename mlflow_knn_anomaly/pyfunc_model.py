@@ -306,17 +306,16 @@ def save_model(
         example = {INPUT_COLUMN: [example_image_bytes()]}
         if line:
             example[CATEGORY_COLUMN] = [detector.categories[0]]
-        with threads_kept():  # MLflow loads the model to validate the example: see `threads_kept`
-            mlflow.pyfunc.save_model(
-                path=str(path),
-                loader_module=f"{__package__}.pyfunc_model",
-                data_path=str(data),
-                code_paths=[str(PACKAGE_DIR)],
-                mlflow_model=mlflow_model,
-                signature=SIGNATURE,
-                input_example=pd.DataFrame(example),
-                pip_requirements=pip_requirements or default_pip_requirements(),
-            )
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            loader_module=f"{__package__}.pyfunc_model",
+            data_path=str(data),
+            code_paths=[str(PACKAGE_DIR)],
+            mlflow_model=mlflow_model,
+            signature=SIGNATURE,
+            input_example=pd.DataFrame(example),
+            pip_requirements=pip_requirements or default_pip_requirements(),
+        )
 
 
 def default_pip_requirements() -> list[str]:
@@ -328,14 +327,15 @@ def log_model(
     detector: SpadeDetector | LineDetector, name: str = "model", registered_model_name: str | None = None, **kwargs: Any
 ) -> mlflow.models.model.ModelInfo:
     """Log the detector as a model of the active run (and register it when a name is given)."""
-    return Model.log(
-        artifact_path=None,
-        name=name,
-        flavor=sys.modules[__name__],
-        registered_model_name=registered_model_name,
-        detector=detector,
-        **kwargs,
-    )
+    with threads_kept():  # MLflow loads the logged model to validate its serving input: see `threads_kept`
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=sys.modules[__name__],
+            registered_model_name=registered_model_name,
+            detector=detector,
+            **kwargs,
+        )
 
 
 def load_model(model_uri: str) -> SpadeDetector | LineDetector:

@@ -36,8 +36,8 @@ def configure_threads(threads: int | None = None, workers: int = 1) -> int:
 
 @contextmanager
 def threads_kept() -> Iterator[None]:
-    """Restore torch's and faiss's thread counts on exit. MLflow validates a model's input example
-    by loading it, and the loader sizes threads for serving; a build that saves a model must not
+    """Restore torch's and faiss's thread counts on exit. MLflow validates a logged model's serving
+    input by loading it, and the loader sizes threads for serving; a build that logs a model must not
     change how the rest of its process computes (features summed with another thread count differ
     in the last bits)."""
     import faiss

@@ -158,15 +158,22 @@ def test_a_single_model_needs_no_category_and_refuses_another(fitted, tmp_path, 
     assert "unknown category 'bottle'" in out["error"][2] and "'synthetic'" in out["error"][2]
 
 
-def test_saving_a_model_leaves_the_process_thread_count_alone(line, tmp_path):
-    """MLflow loads a model to validate its input example; the loader's thread sizing must not leak
-    into the build that saves it (features summed with other thread counts differ in the last bits)."""
+def test_logging_a_model_leaves_the_process_thread_count_alone(line, tmp_path, monkeypatch):
+    """MLflow loads a logged model to validate its serving input; the loader's thread sizing must not
+    leak into the build that logs it (features summed with another thread count differ in the last
+    bits, so a category fitted after a log would not equal its single-category model)."""
     import torch
 
+    from mlflow_knn_anomaly import log_model
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_KNN_ANOMALY_THREADS", "1")  # what the loader then sets
     before = torch.get_num_threads()
-    torch.set_num_threads(3)  # what no loader picks on this machine's 2 cores
+    torch.set_num_threads(2)
     try:
-        save_model(line, tmp_path / "model")
-        assert torch.get_num_threads() == 3
+        with mlflow.start_run():
+            log_model(line, name="model")
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+        mlflow.set_tracking_uri(None)
