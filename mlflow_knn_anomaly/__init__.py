@@ -1,10 +1,12 @@
 """mlflow-knn-anomaly: SPADE two-stage kNN anomaly detection as an MLflow model."""
 
 from .config import SpadeConfig
+from .line import LineDetector
+from .regions import Region, decode_regions
 from .spade import Prediction, SpadeDetector
 from .version import __version__
 
-__all__ = ["Prediction", "SpadeConfig", "SpadeDetector", "__version__"]
+__all__ = ["LineDetector", "Prediction", "Region", "SpadeConfig", "SpadeDetector", "__version__", "decode_regions"]
 
 
 def __getattr__(name: str):

@@ -59,13 +59,17 @@ def combine_layers(
     return gaussian_filter(score_map, sigma) if sigma > 0 else score_map
 
 
-def map_score(input_map: np.ndarray, margin: int, top: float = 0.0) -> float:
+def map_score(input_map: np.ndarray, margin: int, top: float = 0.0, roi: np.ndarray | None = None) -> float:
     """Image score from a map of the network input: the mean of its highest `top` share of pixels
     (0: its maximum), ignoring `margin` pixels at the border, where zero padding inflates the
     features of every image (normal ones too). The margin shrinks on a narrow input so that a
-    quarter of each side is always scored."""
+    quarter of each side is always scored. With `roi`, an (H, W) bool inspection region of the
+    input, only its pixels count (all of them if none lies inside the margin)."""
     h, w = input_map.shape
     my, mx = (min(margin, side * 3 // 8) for side in (h, w))
     core = input_map[my : h - my, mx : w - mx].ravel()
+    if roi is not None:
+        inside = roi[my : h - my, mx : w - mx].ravel()
+        core = core[inside] if inside.any() else input_map[roi]
     n = max(1, round(top * core.size))
     return float(np.partition(core, core.size - n)[core.size - n :].mean())

@@ -1,6 +1,7 @@
 """A saved detector on disk: config.json (settings, calibration, sha256 of every artifact, library
-versions), weights.safetensors, bank/*.npy and holdout/*.png (the held-out normal images, which
-`update_bank` recalibrates on). Written to a temporary directory, then renamed into place.
+versions), weights.safetensors, bank/*.npy, holdout/*.png (the held-out normal images, which
+`update_bank` recalibrates on) and, when built with one, roi.png (the inspection region). Written
+to a temporary directory, then renamed into place.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -22,12 +24,14 @@ from .backbones import BACKBONES, Backbone
 from .bank import FeatureBank
 from .calibration import Calibration
 from .config import SpadeConfig
+from .roi import encode_roi, read_roi
 from .version import DISTRIBUTION, __version__, serving_versions
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"
 BANK_DIR = "bank"
 HOLDOUT_DIR = "holdout"
+ROI_FILE = "roi.png"
 FORMAT_VERSION = 3  # 2: ragged bank rows (aspect-kept inputs); 3: calibration apart from the settings
 READABLE_FORMATS = (2, 3)
 # Settings added since format 2 first shipped, with the value that reproduces a model saved before
@@ -40,6 +44,8 @@ ADDED_SETTINGS = {
     "score_fusion": "map",
     "map_weight": 1.0,
     "score_top": 0.0,
+    "min_region_area": 0.0,
+    "roi": "",
 }
 # Format 2 kept the fitted state among the settings; `candidate_threshold` is now the gate.
 FORMAT2_FITTED = {
@@ -83,6 +89,7 @@ class SavedDetector:
     weights: Path | None  # None: a line model's category, whose backbone weights are the line's
     bank: FeatureBank
     holdout: list[Image.Image] | None  # None in format 2
+    roi: np.ndarray | None = None  # (H, W) bool inspection region, when built with one
 
 
 def save_detector(
@@ -93,6 +100,7 @@ def save_detector(
     bank: FeatureBank,
     holdout: list[Image.Image],
     with_weights: bool = True,
+    roi: np.ndarray | None = None,
 ) -> Path:
     """Write a detector directory atomically; refuse to overwrite an existing path.
 
@@ -108,6 +116,9 @@ def save_detector(
         for i, image in enumerate(holdout):
             image.save(tmp / HOLDOUT_DIR / f"{i:05d}.png")  # lossless: update_bank recalibrates on them
         holdout_files = sorted((tmp / HOLDOUT_DIR).iterdir())
+        if roi is not None:
+            (tmp / ROI_FILE).write_bytes(encode_roi(roi))
+            holdout_files.append(tmp / ROI_FILE)
         files = [*weights, *bank.save(tmp / BANK_DIR), *holdout_files]
         record = {
             "format_version": FORMAT_VERSION,
@@ -155,7 +166,8 @@ def load_detector(path: Path, mmap: bool = True) -> SavedDetector:
     if (path / HOLDOUT_DIR).is_dir():
         holdout = [_read_png(f) for f in sorted((path / HOLDOUT_DIR).glob("*.png"))]
     weights = path / WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else None
-    return SavedDetector(config, calibration, weights, bank, holdout)
+    roi = read_roi(path / ROI_FILE) if (path / ROI_FILE).is_file() else None
+    return SavedDetector(config, calibration, weights, bank, holdout, roi)
 
 
 def load_settings(path: Path) -> SpadeConfig:

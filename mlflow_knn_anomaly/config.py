@@ -85,6 +85,13 @@ class SpadeConfig:
         gate_recall: two_stage: the share of synthetic anomalies (made from held-out normal
             images at fit time) that the stage-1 gate must pass to stage 2. 1.0 sends every image.
         image_threshold, pixel_threshold: the user's thresholds; None uses the calibrated ones.
+        roi: a path to a mask image, white for inspect and black for ignore (fixtures, labels,
+            background), read at build time and saved inside the model; "" inspects everything.
+            Outside it, pixels never count for the map score, the mask, the regions or the pixel
+            metrics. The training images must share its aspect ratio.
+        min_region_area: defect regions (connected components of the mask) smaller than this are
+            dropped from the regions and the mask alike: pixels of the input image when >= 1, a
+            share of its area below 1 (0 keeps every speck).
         batch_size: images per backbone forward pass.
         device: where the backbone and the pixel kNN run: "auto" (a CUDA GPU when there is one),
             "cpu" or "cuda". The bank stays in host memory; only each query's gallery moves.
@@ -118,6 +125,8 @@ class SpadeConfig:
     gate_recall: float = 0.98
     image_threshold: float | None = None
     pixel_threshold: float | None = None
+    roi: str = ""
+    min_region_area: float = 0.0
     batch_size: int = 4
     device: str = "auto"
 
@@ -277,6 +286,11 @@ def _boolean(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r} must be true or false.")
 
 
+def _text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{name}={value!r} must be a string (a path, or empty for none).")
+
+
 def _string(name: str, value: object) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}={value!r} must be a non-empty string.")
@@ -310,6 +324,8 @@ CONSTRAINTS = {
     "holdout_fraction": _number(0.0, 0.9, low_open=True),
     "threshold_sigmas": _number(-3.0, 10.0),
     "gate_recall": _number(0.0, 1.0, low_open=True),
+    "roi": _text,
+    "min_region_area": _number(0.0, math.inf),
     "batch_size": _integer(1),
     "device": _choice(DEVICES),
 }

@@ -18,6 +18,7 @@ import numpy as np
 from . import metrics
 from .datasets import NORMAL, read_mask, read_test
 from .images import ImageLike
+from .regions import Region, region_metrics
 from .spade import Prediction, SpadeDetector
 
 ANOMALIB_SIZE = 256
@@ -56,6 +57,8 @@ class Evaluation:
         samples: the test samples, in order; scores, knn_scores and map_scores (N,): as reported, of
             stage 1, and of the anomaly map.
         anomaly_maps: (H_i, W_i) per sample. gt_masks and pro: None without masks.
+        masks, regions: per sample, the (H_i, W_i) mask and the defect regions the model returns
+            (at its pixel threshold and `min_region_area`).
     """
 
     metrics: dict[str, float]
@@ -67,6 +70,8 @@ class Evaluation:
     anomaly_maps: list[np.ndarray]
     gt_masks: list[np.ndarray] | None
     pro: metrics.ProCurve | None
+    masks: list[np.ndarray]
+    regions: list[list[Region]]
 
     @property
     def has_masks(self) -> bool:
@@ -94,7 +99,9 @@ def evaluate_samples(
     """Score and segment every test image and compute the metrics.
 
     Every image is segmented (segment="all"); the image score is the one the product reports in
-    segment="auto" mode. Pixel metrics are at each image's own resolution, and also (`*_256`) with
+    segment="auto" mode. With masks, the region figures of `regions.region_metrics` (recall of the
+    ground-truth regions, false regions per normal and per anomalous image) are read off the masks
+    the model returns. Pixel metrics are at each image's own resolution, and also (`*_256`) with
     maps and masks resized to 256 x 256 as anomalib evaluates them. They need a mask for every
     anomalous image; with none at all, only the image metrics are computed. Without
     `per_type_pixels` the per-type figures leave out the pixel metrics (each a pass over every pixel).
@@ -110,13 +117,21 @@ def evaluate_samples(
     maps = prediction.anomaly_maps
     labels = np.array([s.is_anomalous for s in samples])
     gt = _ground_truth(samples, maps) if with_masks else None
-    pro = None if gt is None else metrics.pro_curve(gt, maps)
-    headline = _figures(labels, prediction.scores, gt, maps, pro)
+    valid = None if all(r is None for r in prediction.rois) else prediction.rois  # the inspection regions
+    if gt is not None and valid is not None:
+        gt = [g & v for g, v in zip(gt, valid)]  # a defect outside the ROI is not one to find
+    pro = None if gt is None else metrics.pro_curve(gt, maps, valid=valid)
+    headline = _figures(labels, prediction.scores, gt, maps, pro, valid)
     if gt is not None:
-        headline.update(_anomalib_protocol(gt, maps))
+        headline.update(_anomalib_protocol(gt, maps, valid))
+        headline.update(region_metrics(prediction.masks, gt))
     headline.update(_stage_figures(labels, prediction))
     headline["seconds_per_image_all_segmented"] = seconds / len(samples)
-    per_type = _per_type(samples, labels, prediction.scores, gt if per_type_pixels else None, maps)
+    per_type = _per_type(samples, labels, prediction.scores, gt if per_type_pixels else None, maps, valid)
+    if gt is not None:  # region figures are cheap: per type even without the per-type pixel metrics
+        for kind, figures in per_type.items():
+            keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, NORMAL)]
+            figures.update(region_metrics([prediction.masks[i] for i in keep], [gt[i] for i in keep]))
     return Evaluation(
         metrics=headline,
         per_type=per_type,
@@ -127,6 +142,8 @@ def evaluate_samples(
         anomaly_maps=maps,
         gt_masks=gt,
         pro=pro,
+        masks=prediction.masks,
+        regions=prediction.regions,
     )
 
 
@@ -147,21 +164,39 @@ def _per_type(
     scores: np.ndarray,
     gt: list[np.ndarray] | None,
     maps: list[np.ndarray],
+    valid: list[np.ndarray] | None = None,
 ) -> dict[str, dict[str, float]]:
     """The figures of each defect type against all normal images (pixel figures only with `gt`)."""
     per_type = {}
     for kind in sorted({s.defect_type for s in samples} - {NORMAL}):
         keep = [i for i, s in enumerate(samples) if s.defect_type in (kind, NORMAL)]
         kept_gt = None if gt is None else [gt[i] for i in keep]
-        per_type[kind] = _figures(labels[keep], scores[keep], kept_gt, [maps[i] for i in keep])
+        kept_valid = None if valid is None else [valid[i] for i in keep]
+        per_type[kind] = _figures(labels[keep], scores[keep], kept_gt, [maps[i] for i in keep], None, kept_valid)
     return per_type
 
 
-def _anomalib_protocol(gt: list[np.ndarray], maps: list[np.ndarray]) -> dict[str, float]:
+def _anomalib_protocol(
+    gt: list[np.ndarray], maps: list[np.ndarray], valid: list[np.ndarray] | None = None
+) -> dict[str, float]:
     """Pixel metrics with maps and masks squashed to 256 x 256, as anomalib evaluates them."""
     gt_256 = [metrics.resize_mask(g, ANOMALIB_SIZE) for g in gt]
     maps_256 = [metrics.resize_map(m, ANOMALIB_SIZE) for m in maps]
-    return {"pixel_auroc_256": metrics.pixel_auroc(gt_256, maps_256), "aupro_256": metrics.aupro(gt_256, maps_256)}
+    valid_256 = None if valid is None else [metrics.resize_mask(v, ANOMALIB_SIZE) for v in valid]
+    pixels = _inside(gt_256, maps_256, valid_256)
+    return {
+        "pixel_auroc_256": metrics.pixel_auroc(*pixels),
+        "aupro_256": metrics.pro_curve(gt_256, maps_256, valid=valid_256).aupro,
+    }
+
+
+def _inside(
+    gt: list[np.ndarray], maps: list[np.ndarray], valid: list[np.ndarray] | None
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The pixels that count: every one, or those inside each image's inspection region."""
+    if valid is None:
+        return gt, maps
+    return [g[v] for g, v in zip(gt, valid)], [m[v] for m, v in zip(maps, valid)]
 
 
 def _check_masks(samples: list[LabelledImage]) -> bool:
@@ -201,11 +236,13 @@ def _figures(
     gt: list[np.ndarray] | None,
     maps: list[np.ndarray],
     pro: metrics.ProCurve | None = None,
+    valid: list[np.ndarray] | None = None,
 ) -> dict[str, float]:
-    """Image figures, and pixel figures with `gt` (AUPRO from `pro` when it is already computed)."""
+    """Image figures, and pixel figures with `gt` (AUPRO from `pro` when it is already computed),
+    over the pixels inside `valid` (inspection regions) when given."""
     image_t, image_f1 = metrics.f1_optimal_threshold(labels, scores)
     figures = {"image_auroc": metrics.image_auroc(labels, scores), "image_f1_threshold": image_t, "image_f1": image_f1}
     if gt is None:
         return figures
-    aupro = (pro or metrics.pro_curve(gt, maps)).aupro
-    return {**figures, **metrics.pixel_roc_figures(gt, maps), "aupro": aupro}
+    aupro = (pro or metrics.pro_curve(gt, maps, valid=valid)).aupro
+    return {**figures, **metrics.pixel_roc_figures(*_inside(gt, maps, valid)), "aupro": aupro}

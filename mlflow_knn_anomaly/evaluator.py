@@ -96,7 +96,7 @@ class SpadeEvaluator(ModelEvaluator):
             figures = flat_metrics(result)
             if not result.has_masks:
                 client.set_tag(run_id, "pixel_metrics", NO_PIXEL_METRICS)
-            artifacts = _log_plots(client, run_id, result, detector)
+            artifacts = _log_plots(client, run_id, result)
         _log_metrics(client, run_id, figures, model_id, dataset)
         return EvaluationResult(metrics=figures, artifacts=artifacts, run_id=run_id)
 
@@ -121,7 +121,7 @@ class SpadeEvaluator(ModelEvaluator):
             result = evaluate_samples(detector, samples, progress=True)
             per_category[category] = flat_metrics(result)
             figures.update({f"{category}.{k}": v for k, v in per_category[category].items()})
-            plots = _log_plots(client, run_id, result, detector, folder=f"plots/{category}")
+            plots = _log_plots(client, run_id, result, folder=f"plots/{category}")
             artifacts.update({f"{category}/{name}": artifact for name, artifact in plots.items()})
         figures.update(category_means(per_category))
         return figures, artifacts
@@ -241,11 +241,10 @@ def _log_metrics(client: MlflowClient, run_id: str, figures: dict[str, float], m
 
 
 def _log_plots(
-    client: MlflowClient, run_id: str, result: Evaluation, detector: SpadeDetector, folder: str = "plots"
+    client: MlflowClient, run_id: str, result: Evaluation, folder: str = "plots"
 ) -> dict[str, ImageEvaluationArtifact]:
     """<folder>/image_roc.png, <folder>/pro_curve.png (with masks), <folder>/overlays.png."""
-    pixel_t = result.metrics.get("pixel_f1_threshold", detector.thresholds()[1])
-    figures = {"image_roc": roc_figure(result), "overlays": overlay_grid(result, pixel_t)}
+    figures = {"image_roc": roc_figure(result), "overlays": overlay_grid(result)}
     if result.has_masks:
         figures["pro_curve"] = pro_curve_figure(result)
     root = client.get_run(run_id).info.artifact_uri

@@ -73,6 +73,20 @@ def load_image(item: ImageLike) -> Image.Image:
     return to_rgb(image)
 
 
+def image_size(item: ImageLike) -> tuple[int, int]:
+    """(width, height) of an image, read from its header when it is a file or bytes."""
+    if isinstance(item, Image.Image):
+        return item.size
+    if isinstance(item, np.ndarray):
+        return item.shape[1], item.shape[0]
+    try:
+        with Image.open(io.BytesIO(item) if isinstance(item, (bytes, bytearray)) else item) as opened:
+            return opened.size
+    except (UnidentifiedImageError, OSError) as exc:
+        name = item if isinstance(item, (str, Path)) else "bytes"
+        raise ValueError(f"cannot read the size of image {name}: {exc}") from None
+
+
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
         raise ValueError(

@@ -60,18 +60,26 @@ class ProCurve:
     aupro: float
 
 
-def pro_curve(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float = 0.3, steps: int = 2000) -> ProCurve:
+def pro_curve(
+    masks: list[np.ndarray],
+    maps: list[np.ndarray],
+    fpr_limit: float = 0.3,
+    steps: int = 2000,
+    valid: list[np.ndarray] | None = None,
+) -> ProCurve:
     """The MVTec AD per-region-overlap (PRO) curve, normalised area up to `fpr_limit`.
 
     Each connected region (8-connectivity) of every ground-truth mask counts once, whatever its
     size; the FPR is over all normal pixels. Thresholds are taken at `steps` evenly spaced FPRs
-    (finer than anomalib's default), and the curve is interpolated linearly at the limit.
+    (finer than anomalib's default), and the curve is interpolated linearly at the limit. With
+    `valid`, (H_i, W_i) bool per image (an inspection region), only its pixels count at all.
     """
     normal_scores, regions = [], []
-    for mask, score in zip(masks, maps):
-        mask = np.asarray(mask, dtype=bool)
+    for i, (mask, score) in enumerate(zip(masks, maps)):
+        inside = np.ones(np.shape(mask), dtype=bool) if valid is None else np.asarray(valid[i], dtype=bool)
+        mask = np.asarray(mask, dtype=bool) & inside
         score = np.asarray(score, dtype=np.float64)
-        normal_scores.append(score[~mask])
+        normal_scores.append(score[~mask & inside])
         labelled, n = label(mask, structure=np.ones((3, 3)))
         regions += [np.sort(score[labelled == r]) for r in range(1, n + 1)]
     if not regions:

@@ -34,9 +34,10 @@ def pro_curve_figure(result: Evaluation) -> plt.Figure:
     return fig
 
 
-def overlay_grid(result: Evaluation, pixel_threshold: float, per_type: int = 2) -> plt.Figure:
-    """Rows of image | ground truth | heat map | mask, for a few images of every type (the ground
-    truth panel is blank for image-level labels)."""
+def overlay_grid(result: Evaluation, per_type: int = 2) -> plt.Figure:
+    """Rows of image | ground truth | heat map with the defect regions' boxes and peaks | mask, for a
+    few images of every type (the ground truth panel is blank for image-level labels). Boxes and
+    mask are what the model returns (its pixel threshold, `min_region_area`)."""
     picks: dict[str, list[int]] = {}
     for i, sample in enumerate(result.samples):
         if len(picks.setdefault(sample.defect_type, [])) < per_type:
@@ -48,12 +49,13 @@ def overlay_grid(result: Evaluation, pixel_threshold: float, per_type: int = 2) 
         picture = np.asarray(load_image(result.samples[i].image))
         score_map = result.anomaly_maps[i]
         truth = result.gt_masks[i] if result.has_masks else np.zeros(score_map.shape, dtype=bool)
-        panels = (picture, truth, score_map, score_map >= pixel_threshold)
-        for c, (panel, title) in enumerate(zip(panels, ("image", "ground truth", "heat map", "mask"))):
+        panels = (picture, truth, score_map, result.masks[i])
+        for c, (panel, title) in enumerate(zip(panels, ("image", "ground truth", "heat map, regions", "mask"))):
             ax = axes[r, c]
             if c == 2:
                 ax.imshow(picture)
                 ax.imshow(panel, cmap="jet", alpha=0.5, vmin=0, vmax=vmax)
+                _draw_regions(ax, result.regions[i])
             else:
                 ax.imshow(panel, cmap=None if c == 0 else "gray")
             ax.set_axis_off()
@@ -62,3 +64,11 @@ def overlay_grid(result: Evaluation, pixel_threshold: float, per_type: int = 2) 
         axes[r, 0].text(2, 12, result.samples[i].defect_type, color="yellow", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _draw_regions(ax: plt.Axes, regions: list, most: int = 5) -> None:
+    """Each region's box, labelled with its peak (1.0 = the pixel threshold), the highest first."""
+    for region in regions[:most]:
+        box = plt.Rectangle((region.x - 0.5, region.y - 0.5), region.width, region.height, fill=False, color="white")
+        ax.add_patch(box)
+        ax.text(region.x, region.y - 2, f"{region.peak:.2f}", color="white", fontsize=6, va="bottom")

@@ -30,6 +30,7 @@ from PIL import Image
 from .config import OVERRIDES, check_segment, check_threshold
 from .images import load_image
 from .line import LineDetector, is_line
+from .regions import encode_regions, min_area_pixels
 from .runtime import configure_threads, server_workers, threads_kept
 from .spade import SpadeDetector
 from .version import __version__, serving_versions
@@ -59,6 +60,7 @@ OUTPUT = (
     Column("is_anomalous", "boolean", "boolean", None),
     Column("segmented", "boolean", "boolean", None),
     Column("mask", "string", "object", ""),
+    Column("regions", "string", "object", ""),
     Column("category", "string", "object", ""),
     Column("error", "string", "object", ""),
 )
@@ -72,6 +74,7 @@ SIGNATURE = ModelSignature(
             ParamSpec("segment", "string", "auto"),
             ParamSpec("image_threshold", "double", None),
             ParamSpec("pixel_threshold", "double", None),
+            ParamSpec("min_region_area", "double", None),
             ParamSpec("return_anomaly_map", "boolean", False),
         ]
     ),
@@ -159,6 +162,7 @@ class SpadePyfuncModel:
                 segment=options["segment"],
                 image_threshold=options["image_threshold"],
                 pixel_threshold=options["pixel_threshold"],
+                min_region_area=options["min_region_area"],
             )
             for j, i in enumerate(indices):
                 rows[i].update(_row(prediction, j, options["return_anomaly_map"]))
@@ -200,6 +204,7 @@ def _row(prediction, j: int, with_map: bool) -> dict[str, Any]:
         "is_anomalous": bool(prediction.is_anomalous[j]),
         "segmented": segmented,
         "mask": encode_mask(prediction.masks[j]) if segmented else "",
+        "regions": encode_regions(prediction.regions[j]) if segmented else "",
     }
     if with_map:
         row["anomaly_map"] = encode_anomaly_map(prediction.anomaly_maps[j]) if segmented else ""
@@ -224,9 +229,12 @@ def _check_params(params: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown params {unknown}; valid params: {sorted(known)}.")
     options = {"segment": "auto", "image_threshold": None, "pixel_threshold": None, "return_anomaly_map": False}
     options.update({k: v for k, v in params.items() if v is not None})
+    options.setdefault("min_region_area", None)
     check_segment(options["segment"])
     for name in OVERRIDES:
         check_threshold(name, options[name])
+    if options["min_region_area"] is not None:
+        min_area_pixels(options["min_region_area"], 1, 1)  # raises with what to pass
     if not isinstance(options["return_anomaly_map"], (bool, np.bool_)):
         raise ValueError(f"return_anomaly_map={options['return_anomaly_map']!r} must be true or false.")
     return options

@@ -5,7 +5,7 @@ images; a gate calibrated for recall (`calibration.py`) decides which images go 
 segments those: each pixel scores the mean distance to its kappa nearest features among the
 pixels of the nearest normal images (nearest by `gallery_feature`'s global descriptor), per
 pyramid layer, and the layers become one smoothed anomaly map (`anomaly_map.py`), whose highest
-pixels score the image.
+pixels score the image; the defect regions are read off the finished map (`regions.py`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ from .backbones import Backbone, FeaturePyramid, build_backbone
 from .bank import FeatureBank
 from .calibration import Calibration, control_limit, recall_gate, score_stats, synthetic_anomalies
 from .config import SpadeConfig, check_segment, check_threshold
-from .images import ImageLike, load_image, prepare
+from .images import ImageLike, image_size, load_image, prepare
 from .knn import ImageIndex
+from .regions import Region, find_regions
+from .roi import check_roi, read_roi, roi_at, roi_on_input
 from .runtime import resolve_device
 
 
@@ -45,7 +47,10 @@ class Prediction:
         knn_scores: (N,) stage-1 scores (the paper's image score).
         map_scores: (N,) the anomaly-map image score where segmented, NaN elsewhere.
         anomaly_maps: per image, an (H_i, W_i) float32 anomaly map at the image's own size, or None.
-        masks: per image, an (H_i, W_i) bool mask (map >= pixel threshold), or None.
+        masks: per image, an (H_i, W_i) bool mask (map >= pixel threshold, regions smaller than
+            `min_region_area` dropped), or None.
+        regions: per image, its defect regions (`regions.Region`, highest peak first), or None.
+        rois: per image, its (H_i, W_i) bool inspection region, or None without a `roi`.
     """
 
     scores: np.ndarray
@@ -57,6 +62,8 @@ class Prediction:
     map_scores: np.ndarray
     anomaly_maps: list[np.ndarray | None]
     masks: list[np.ndarray | None]
+    regions: list[list[Region] | None]
+    rois: list[np.ndarray | None]
 
 
 class SpadeDetector:
@@ -76,6 +83,7 @@ class SpadeDetector:
         self.gallery_index: ImageIndex | None = None  # the gallery's images, when another descriptor picks them
         self.calibration: Calibration | None = None
         self.holdout: list[Image.Image] | None = None  # kept for `update`; saved with the model
+        self.roi: np.ndarray | None = None  # (H, W) bool inspection region (`config.roi`); saved with the model
 
     # ---- features ---------------------------------------------------------------------------
     def extract(self, inputs: list[torch.Tensor]) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
@@ -125,7 +133,7 @@ class SpadeDetector:
         """(inputs, geometries) per batch; a progress bar named `desc` on a terminal."""
         cfg = self.config
         for start in tqdm(range(0, len(items), cfg.batch_size), desc=desc, unit="batch", disable=_bar_off(desc)):
-            yield prepare(items[start : start + cfg.batch_size], cfg.resize, cfg.crop, cfg.keep_aspect)
+            yield self._prepare(items[start : start + cfg.batch_size])
 
     # ---- fit ----------------------------------------------------------------------------------
     def fit(self, images: list[ImageLike], progress: bool = False) -> SpadeDetector:
@@ -134,11 +142,14 @@ class SpadeDetector:
         Every fit recomputes the whole fitted state; the config is left as it is.
         """
         bank_items, holdout_items = split_holdout(list(images), self.config)
+        self.roi = self._read_roi(images)  # a bad roi fails here, before any work
         bank = self.build_bank(bank_items, "bank features" if progress else None)
         return self.fit_bank(bank, holdout_items, progress=progress)
 
     def fit_bank(self, bank: FeatureBank, holdout: list[ImageLike], progress: bool = False) -> SpadeDetector:
         """Adopt a bank (built here, on Spark, or enlarged by `update`) and calibrate on `holdout`."""
+        if self.roi is None and self.config.roi:
+            self.roi = self._read_roi(holdout)
         self.use_bank(bank)
         self.holdout = [load_image(item) for item in holdout]  # decoded once: calibration uses them twice
         self.calibration = self._calibrate(self.holdout, progress)
@@ -172,11 +183,35 @@ class SpadeDetector:
         bank_items, holdout_items = split_holdout(list(images), self.config, minimum=0)
         added = self.build_bank(bank_items, "new bank features" if progress else None)
         updated = SpadeDetector(self.config, backbone=self.backbone)
+        updated.roi = self.roi
         return updated.fit_bank(self.bank.concat(added), self.holdout + holdout_items, progress)
+
+    def _read_roi(self, images: list[ImageLike]) -> np.ndarray | None:
+        """`config.roi` read and checked against the images' aspect ratios (None without one)."""
+        if not self.config.roi:
+            return None
+        roi = read_roi(self.config.roi)
+        check_roi(roi, [image_size(item) for item in images])
+        return roi
+
+    def _input_roi(self, geometry) -> np.ndarray | None:
+        return None if self.roi is None else roi_on_input(self.roi, geometry)
+
+    def _prepare(self, items: list[ImageLike]) -> tuple[list[torch.Tensor], list]:
+        """Network inputs and geometries (`images.prepare`); outside the inspection region the input
+        is mid-gray, the same in every image, so that nothing there (a fixture, a label, a pasted
+        defect) reaches stage 1 or stage 2."""
+        cfg = self.config
+        inputs, geometries = prepare(items, cfg.resize, cfg.crop, cfg.keep_aspect)
+        if self.roi is not None:
+            for x, geometry in zip(inputs, geometries):
+                outside = torch.from_numpy(~self._input_roi(geometry))
+                x[:, outside] = ROI_FILL
+        return inputs, geometries
 
     def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
         """Bank rows of one batch: global (n, D) float32 and, per image, {layer: (h * w, C) rows} in bank dtype."""
-        inputs, _ = prepare(items, self.config.resize, self.config.crop, self.config.keep_aspect)
+        inputs, _ = self._prepare(items)
         pooled, features = self.extract(inputs)
         dtype = self.config.bank_dtype
         rows = [
@@ -200,22 +235,25 @@ class SpadeDetector:
     def _calibrate(self, images: list[Image.Image], progress: bool) -> Calibration:
         """Thresholds and score statistics of the held-out normal images, and the recall gate."""
         cfg = self.config
-        knn, distances, sizes = [], [], []
-        for inputs, _ in self._batches(images, "calibration" if progress else None):
+        knn, distances, sizes, rois = [], [], [], []
+        for inputs, geometries in self._batches(images, "calibration" if progress else None):
             pooled, features = self.extract(inputs)
             scores, nn_indices = self.stage1(pooled)
             knn.append(scores)
             distances += [self._layer_distances(features[i], nn_indices[i]) for i in range(len(scores))]
             sizes += [x.shape[1:] for x in inputs]
+            rois += [self._input_roi(g) for g in geometries]
         layer_scales = tuple(float(torch.cat([d[name].flatten() for d in distances]).mean()) for name in distances[0])
         scales = layer_scales if cfg.normalize_layers else None
         input_maps = [
             anomaly_map.combine_layers(d, s, cfg.layer_combine, cfg.sigma, scales) for d, s in zip(distances, sizes)
         ]
         knn_scores = np.concatenate(knn)
-        map_scores = np.array([anomaly_map.map_score(m, cfg.score_margin, cfg.score_top) for m in input_maps])
-        maxima = np.array([float(m.max()) for m in input_maps])
-        synthetic = self.stage1_scores(synthetic_anomalies(images), "synthetic anomalies" if progress else None)
+        map_scores = np.array(
+            [anomaly_map.map_score(m, cfg.score_margin, cfg.score_top, r) for m, r in zip(input_maps, rois)]
+        )
+        maxima = np.array([float(m.max() if r is None else m[r].max()) for m, r in zip(input_maps, rois)])
+        synthetic = self.stage1_scores(self._synthetic(images), "synthetic anomalies" if progress else None)
         z, stats = cfg.threshold_sigmas, score_stats(knn_scores, map_scores)
         every = np.ones(len(knn_scores), dtype=bool)  # as if past the gate: each held-out image has its map
         image_scores = (
@@ -230,6 +268,18 @@ class SpadeDetector:
             **stats,
             **recall_gate(knn_scores, synthetic, cfg.gate_recall),
         )
+
+    def _synthetic(self, images: list[Image.Image]) -> list[Image.Image]:
+        """The gate's synthetic anomalies of held-out images; with an inspection region only those
+        that change a pixel inside it (one outside is invisible, and would open the gate for nothing)."""
+        made = synthetic_anomalies(images)
+        if self.roi is None:
+            return made
+        sources = [image for image in images for _ in range(len(made) // len(images))]
+        return [
+            a for a, src in zip(made, sources)
+            if (np.asarray(a) != np.asarray(src)).any(axis=2)[roi_at(self.roi, src.height, src.width)].any()
+        ]  # fmt: skip
 
     # ---- the two stages -----------------------------------------------------------------------
     def stage1(self, pooled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -271,6 +321,7 @@ class SpadeDetector:
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
         progress: bool = False,
+        min_region_area: float | None = None,
     ) -> Prediction:
         """Score images and segment those that need it.
 
@@ -279,6 +330,7 @@ class SpadeDetector:
             segment: "auto" (stage 2 only for images past the stage-1 gate), "all" or "none".
             image_threshold, pixel_threshold: override the config's or the calibrated thresholds.
             progress: a progress bar on a terminal.
+            min_region_area: overrides the config's (see `SpadeConfig.min_region_area`).
         """
         if self.calibration is None:
             raise RuntimeError("the detector is not fitted: call fit(normal_images) or SpadeDetector.load(path).")
@@ -286,13 +338,15 @@ class SpadeDetector:
         image_t, pixel_t = self.thresholds(image_threshold, pixel_threshold)
         # two_stage: the recall-calibrated gate filters; knn: the image threshold itself gates.
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
-        knn, map_scores, maps = self._run_stages(list(images), segment, gate, progress)
+        knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, progress)
         candidates = knn >= gate
         cfg, stats = self.config, self.calibration.to_dict()
         if cfg.score_mode == "two_stage":
             scores = fuse_scores(knn, map_scores, candidates, stats, cfg.score_fusion, cfg.map_weight)
         else:
             scores = knn.astype(np.float64)
+        area = cfg.min_region_area if min_region_area is None else min_region_area
+        found = [None if m is None else find_regions(m, pixel_t, area, r) for m, r in zip(maps, rois)]
         return Prediction(
             scores=scores,
             normalized_scores=scores / image_t,
@@ -302,31 +356,36 @@ class SpadeDetector:
             knn_scores=knn.astype(np.float64),
             map_scores=map_scores,
             anomaly_maps=maps,
-            masks=[None if m is None else m >= pixel_t for m in maps],
+            masks=[None if f is None else f[1] for f in found],
+            regions=[None if f is None else f[0] for f in found],
+            rois=rois,
         )
 
     def _run_stages(
         self, images: list[ImageLike], segment: str, gate: float, progress: bool
-    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None]]:
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None], list[np.ndarray | None]]:
         """Stage 1 for every image, stage 2 for those `segment` asks for: (N,) stage-1 scores, (N,)
-        map scores (NaN where not segmented) and the anomaly maps at each image's own size."""
+        map scores (NaN where not segmented), the anomaly maps and the inspection regions at each
+        image's own size."""
         cfg = self.config
-        knn, map_scores, maps = [], [], []
+        knn, map_scores, maps, rois = [], [], [], []
         for inputs, geometries in self._batches(images, "predict" if progress else None):
             pooled, features = self.extract(inputs)
             scores, nn_indices = self.stage1(pooled)
             for i, geometry in enumerate(geometries):
                 knn.append(scores[i])
+                rois.append(None if self.roi is None else roi_at(self.roi, geometry.height, geometry.width))
                 if segment == "all" or (segment == "auto" and scores[i] >= gate):
                     input_map = self.stage2(features[i], nn_indices[i], geometry.input_shape)
-                    map_scores.append(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top))
+                    input_roi = self._input_roi(geometry)
+                    map_scores.append(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top, input_roi))
                     maps.append(geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map))))
                 else:
                     map_scores.append(np.nan)
                     maps.append(None)
         # Stage-1 scores stay float32 (faiss's precision), so that fusing them gives the same bits as
         # every earlier release did.
-        return np.asarray(knn, dtype=np.float32), np.asarray(map_scores, dtype=np.float64), maps
+        return np.asarray(knn, dtype=np.float32), np.asarray(map_scores, dtype=np.float64), maps, rois
 
     def thresholds(
         self, image_threshold: float | None = None, pixel_threshold: float | None = None
@@ -346,7 +405,7 @@ class SpadeDetector:
         if self.calibration is None:
             raise RuntimeError("nothing to save: call fit(normal_images) first.")
         return artifacts.save_detector(
-            Path(path), self.config, self.calibration, self.backbone, self.bank, self.holdout, with_weights
+            Path(path), self.config, self.calibration, self.backbone, self.bank, self.holdout, with_weights, self.roi
         )
 
     @classmethod
@@ -365,6 +424,7 @@ class SpadeDetector:
         detector.use_bank(saved.bank)
         detector.calibration = saved.calibration
         detector.holdout = saved.holdout
+        detector.roi = saved.roi
         return detector
 
 
@@ -416,6 +476,7 @@ def _bar_off(desc: str | None) -> bool | None:
 
 
 MIN_HOLDOUT = 5
+ROI_FILL = 0.5  # the network input outside the inspection region (inputs are in [0, 1])
 
 
 @functools.lru_cache(maxsize=32)

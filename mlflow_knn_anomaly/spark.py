@@ -90,7 +90,9 @@ def score(
 ) -> int:  # fmt: skip
     """Score every image of `source` (see `read_images`) and write Parquet with the REST columns.
 
-    The mask column holds PNG bytes (not base64). Undecodable files become rows with an error.
+    The mask column holds PNG bytes (not base64), the regions column the JSON list of the REST
+    output (`decode_regions`); both are null where the image was not segmented. Undecodable files
+    become rows with an error.
     Returns the number of rows written.
     """
     from pyspark.sql import functions as F
@@ -106,6 +108,7 @@ def score(
     ]
     scored = scored.select("path", *fields)
     scored = scored.withColumn("mask", F.when(F.col("mask") == "", None).otherwise(F.unbase64("mask")))
+    scored = scored.withColumn("regions", F.when(F.col("regions") == "", None).otherwise(F.col("regions")))
     scored.write.mode("overwrite").parquet(output)
     return spark.read.parquet(output).count()
 
@@ -116,6 +119,8 @@ def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
     Batches are the same as a local `fit` (sorted paths, `batch_size` images each), so the bank is
     bit-identical to a local build of the same data.
     """
+    if config.roi:
+        raise ValueError("a roi is applied to the inputs: build a model with a roi without --spark-master.")
     bank_paths, holdout = split_holdout(list(images), config)
     size = config.batch_size
     rows = pd.DataFrame({"index": range(len(bank_paths)), "path": [str(p) for p in bank_paths]})

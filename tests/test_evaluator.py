@@ -56,6 +56,9 @@ def test_the_evaluator_logs_the_metrics_of_a_folder_evaluation_and_the_plots(res
     for kind in ("scratch", "spot", "contamination"):
         assert result.metrics[f"{kind}.aupro"] == pytest.approx(folder.per_type[kind]["aupro"], rel=1e-9)
     assert {"knn_image_auroc", "map_image_auroc", "stage2_share", "pixel_f1_threshold", "aupro"} <= set(result.metrics)
+    regions = {"region_recall", "false_regions_per_normal_image", "false_regions_per_anomalous_image"}
+    assert regions <= set(result.metrics) and {f"spot.{k}" for k in regions} <= set(result.metrics)
+    assert 0.5 <= result.metrics["region_recall"] <= 1.0
     logged = {a.path for a in MlflowClient().list_artifacts(result.run_id, "plots")}
     assert logged == {"plots/image_roc.png", "plots/pro_curve.png", "plots/overlays.png"}
     assert result.artifacts["overlays"].content.size[0] > 0  # a real PNG behind the returned artifact

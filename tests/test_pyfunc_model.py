@@ -119,3 +119,20 @@ def test_the_pyfunc_path_never_draws_a_progress_bar_even_on_a_terminal(model_dir
     assert "batch" not in terminal.getvalue()  # the unit of every bar of this package
     fitted.predict(paths, segment="none", progress=True)  # where a bar is asked for, this terminal shows it
     assert "predict: 100%" in terminal.getvalue()
+
+
+def test_regions_come_back_as_json_and_min_region_area_is_a_request_param(pyfunc, fitted, synthetic_root):
+    from mlflow_knn_anomaly import decode_regions
+
+    path = [s for s in read_test(synthetic_root) if s.is_anomalous][0].path
+    frame = pd.DataFrame({"image": [path.read_bytes()]})
+    out = pyfunc.predict(frame, params={"segment": "all"})
+    expected = fitted.predict([path], segment="all")
+    from mlflow_knn_anomaly.regions import encode_regions
+
+    assert out["regions"][0] == encode_regions(expected.regions[0]) and decode_regions(out["regions"][0])
+    big = pyfunc.predict(frame, params={"segment": "all", "min_region_area": 0.5})  # half the image: none
+    assert big["regions"][0] == "[]" and not decode_mask(big["mask"][0]).any()
+    assert pyfunc.predict(frame, params={"segment": "none"})["regions"][0] == ""
+    with pytest.raises(MlflowException, match="min_region_area must be"):
+        pyfunc.predict(frame, params={"min_region_area": -3.0})

@@ -227,3 +227,18 @@ def test_two_workers_share_the_free_cores_and_draw_no_progress_bar(fitted, synth
     assert len(sizing) == 2, text[-3000:]
     assert all(workers == 2 and 1 <= threads <= per_worker for threads, workers in sizing), sizing
     assert "batch" not in text  # the unit of every progress bar of this package
+
+
+def test_a_defective_and_a_normal_image_come_back_with_regions_and_none(server, fitted, synthetic_root):
+    from mlflow_knn_anomaly import decode_regions
+
+    samples = read_test(synthetic_root)
+    defective = next(s for s in samples if s.is_anomalous)
+    normals = [s for s in samples if not s.is_anomalous]
+    clean = next(s for s, m in zip(normals, fitted.predict([s.path for s in normals], "all").masks) if not m.any())
+    response = _post(server, [_b64(defective.path.read_bytes()), _b64(clean.path.read_bytes())], {"segment": "all"})
+    assert response.status_code == 200, response.text
+    first, second = response.json()["predictions"]
+    regions = decode_regions(first["regions"])
+    assert regions and regions[0].peak >= 1.0 and sum(r.area for r in regions) == decode_mask(first["mask"]).sum()
+    assert second["regions"] == "[]"

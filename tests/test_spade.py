@@ -259,3 +259,37 @@ def test_score_fusion_combines_the_two_stages_z_scores():
     np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "mean"), [15.0, 18.0, 10.0])
     # map_weight=2 counts the map's z-score twice: (2 * 1 + 4) / 3 = 2.
     np.testing.assert_allclose(fuse_scores(knn, maps, past_gate, stats, "mean", 2.0), [14.0, 18.0, 10.0])
+
+
+def test_regions_are_read_off_the_map_and_the_top_one_holds_the_pasted_defect(fitted, synthetic_root):
+    samples = [s for s in read_test(synthetic_root) if s.is_anomalous]
+    prediction = fitted.predict([s.path for s in samples], segment="all")
+    pixel_t = fitted.thresholds()[1]
+    hits = []
+    for sample, amap, mask, regions in zip(samples, prediction.anomaly_maps, prediction.masks, prediction.regions):
+        np.testing.assert_array_equal(mask, amap >= pixel_t)  # min_region_area 0: every flagged pixel
+        assert sum(r.area for r in regions) == mask.sum()
+        assert [r.peak for r in regions] == sorted((r.peak for r in regions), reverse=True)
+        if regions:
+            top = regions[0]
+            y, x = np.unravel_index(np.argmax(amap), amap.shape)
+            assert top.x <= x < top.x + top.width and top.y <= y < top.y + top.height
+            assert top.peak == pytest.approx(float(amap.max()) / pixel_t, rel=1e-6)
+            box = np.zeros_like(mask)
+            box[top.y : top.y + top.height, top.x : top.x + top.width] = True
+            hits.append((sample.mask(*amap.shape[::-1]) & box).any())
+    assert np.mean(hits) >= 0.9
+
+
+def test_min_region_area_drops_specks_from_regions_and_mask_alike(fitted, synthetic_root):
+    path = [s for s in read_test(synthetic_root) if s.is_anomalous][0].path
+    low_t = 0.8 * fitted.thresholds()[1]  # many small regions
+    every = fitted.predict([path], segment="all", pixel_threshold=low_t)
+    areas = sorted(r.area for r in every.regions[0])
+    cut = areas[len(areas) // 2] + 1 if len(areas) > 1 else areas[0] + 1
+    kept = fitted.predict([path], segment="all", pixel_threshold=low_t, min_region_area=cut)
+    assert all(r.area >= cut for r in kept.regions[0]) and len(kept.regions[0]) < len(every.regions[0])
+    assert kept.masks[0].sum() == sum(r.area for r in kept.regions[0])
+    assert not (kept.masks[0] & ~every.masks[0]).any()
+    with pytest.raises(ValueError, match="min_region_area must be"):
+        fitted.predict([path], segment="all", min_region_area=-1)

@@ -60,6 +60,10 @@ def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_pa
     expected = detector.predict([samples[i].path for i in order])
     assert list(good["path"].str.split("/").str[-2:].str.join("/")) == [names[i] for i in order]
     np.testing.assert_allclose(good["score"].to_numpy(float), expected.scores, rtol=1e-5)
+    from mlflow_knn_anomaly.regions import decode_regions, encode_regions
+
+    for text, regions, segmented in zip(good["regions"], expected.regions, expected.segmented):
+        assert decode_regions(text) == decode_regions(encode_regions(regions)) if segmented else text is None
     for mask_png, mask, segmented in zip(good["mask"], expected.masks, expected.segmented):
         if segmented:
             import base64
