@@ -66,7 +66,8 @@ def main() -> None:
             "bottle disc roi": SpadeDetector(SpadeConfig(roi=str(roi))).fit(read_train(bottle)),
         }
     samples = read_samples(bottle)
-    print("| MVTec bottle | image ROCAUC | pixel ROCAUC | AUPRO | stage-2 share of normal images |\n|---|---|---|---|---|")
+    print("| MVTec bottle | image ROCAUC | pixel ROCAUC | AUPRO | stage-2 share of normal images |")
+    print("|---|---|---|---|---|")
     for name, detector in models.items():
         m = evaluate_samples(detector, samples).metrics
         print(f"| {name} | {m['image_auroc']:.4f} | {m['pixel_auroc']:.4f} | {m['aupro']:.4f} "

@@ -25,7 +25,8 @@ def _disc_roi(path, size=SIZE, radius=0.42):
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
-    return make_synthetic(tmp_path_factory.mktemp("parts"), seed=3, n_train=20, n_test_good=4, n_per_defect=2, size=SIZE)
+    root = tmp_path_factory.mktemp("parts")
+    return make_synthetic(root, seed=3, n_train=20, n_test_good=4, n_per_defect=2, size=SIZE)
 
 
 @pytest.fixture(scope="module")

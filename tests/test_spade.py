@@ -106,7 +106,9 @@ def test_the_map_score_is_the_mean_of_the_top_share_of_pixels_inside_the_margin(
 def test_fit_and_predict_score_maps_with_the_configured_top_share(synthetic_root, monkeypatch):
     tops = []
     real = anomaly_map.map_score
-    monkeypatch.setattr(anomaly_map, "map_score", lambda m, margin, top: tops.append(top) or real(m, margin, top))
+    monkeypatch.setattr(
+        anomaly_map, "map_score", lambda m, margin, top, roi=None: tops.append(top) or real(m, margin, top, roi)
+    )
     detector = SpadeDetector(SpadeConfig(score_top=0.02, k_images=3)).fit(read_train(synthetic_root)[:12])
     calibrated = len(tops)
     detector.predict([read_test(synthetic_root)[0].path], segment="all")
