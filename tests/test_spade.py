@@ -265,7 +265,7 @@ def test_score_fusion_combines_the_two_stages_z_scores():
 
 def test_regions_are_read_off_the_map_and_the_top_one_holds_the_pasted_defect(fitted, synthetic_root):
     samples = [s for s in read_test(synthetic_root) if s.is_anomalous]
-    prediction = fitted.predict([s.path for s in samples], segment="all")
+    prediction = fitted.predict([s.path for s in samples], segment="all", min_region_area=0)
     pixel_t = fitted.thresholds()[1]
     hits = []
     for sample, amap, mask, regions in zip(samples, prediction.anomaly_maps, prediction.masks, prediction.regions):
