@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -106,11 +108,7 @@ def save_detector(
 
     Without `with_weights` the backbone's weights are left out (a line model keeps one copy for
     all its categories)."""
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose a new path or remove it first.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         weights = [save_weights(backbone, tmp / WEIGHTS_FILE)] if with_weights else []
         (tmp / HOLDOUT_DIR).mkdir()
         for i, image in enumerate(holdout):
@@ -125,15 +123,34 @@ def save_detector(
             "config": config.to_dict(),
             "calibration": calibration.to_dict(),
             "bank": {"n_images": bank.n_images, "nbytes": bank.nbytes},
-            "sha256": {f.relative_to(tmp).as_posix(): sha256(f) for f in files},
-            "versions": {DISTRIBUTION: __version__, **serving_versions()},
         }
-        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+        write_record(tmp / CONFIG_FILE, record, files)
+    return path
+
+
+@contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """A temporary directory beside `path`, renamed to `path` when the block succeeds and removed
+    when it fails, so that nothing is ever half-written; an existing `path` is refused."""
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose a new path or remove it first.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def write_record(target: Path, record: dict, files: list[Path]) -> None:
+    """`record` as JSON at `target`, with the sha256 of `files` (relative to target's folder) and
+    the library versions."""
+    root = target.parent
+    hashes = {f.relative_to(root).as_posix(): sha256(f) for f in files}
+    full = {**record, "sha256": hashes, "versions": {DISTRIBUTION: __version__, **serving_versions()}}
+    target.write_text(json.dumps(full, indent=2, sort_keys=True))
 
 
 def save_weights(backbone: Backbone, path: Path) -> Path:

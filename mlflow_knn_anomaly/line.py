@@ -14,10 +14,8 @@ memory-maps its bank) on first use, so a server's memory grows with the categori
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -30,7 +28,6 @@ from .backbones import Backbone, build_backbone
 from .config import SpadeConfig
 from .images import ImageLike
 from .spade import SpadeDetector
-from .version import DISTRIBUTION, __version__, serving_versions
 
 LINE_FILE = "line.json"
 CATEGORY_DIR = "categories"
@@ -209,11 +206,7 @@ class LineDetector:
     def save(self, path: str | Path) -> Path:
         """Write the line directory atomically; categories loaded and left alone are copied as they are."""
         path = Path(path)
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; choose a new path or remove it first.")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+        with artifacts.atomic_directory(path) as tmp:
             files = [artifacts.save_weights(self.backbone, tmp / artifacts.WEIGHTS_FILE)]
             for name in self.categories:
                 target = tmp / CATEGORY_DIR / name
@@ -224,18 +217,8 @@ class LineDetector:
                 else:
                     self._open[name].save(target, with_weights=False)
                 files.append(target / artifacts.CONFIG_FILE)
-            record = {
-                "format_version": LINE_FORMAT,
-                "categories": list(self.categories),
-                "settings": self.settings.to_dict(),
-                "sha256": {f.relative_to(tmp).as_posix(): artifacts.sha256(f) for f in files},
-                "versions": {DISTRIBUTION: __version__, **serving_versions()},
-            }
-            (tmp / LINE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-            os.replace(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            record = {"format_version": LINE_FORMAT, "categories": list(self.categories)}
+            artifacts.write_record(tmp / LINE_FILE, {**record, "settings": self.settings.to_dict()}, files)
         return path
 
     @classmethod

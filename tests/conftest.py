@@ -3,12 +3,16 @@ from __future__ import annotations
 import io
 import os
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import pytest
+import requests
 from PIL import Image
 
 from mlflow_knn_anomaly import SpadeDetector
@@ -83,6 +87,38 @@ def bottle() -> tuple[Path, SpadeDetector]:
     """The shared MVTec AD bottle folder and a default detector fitted on it (skips without data)."""
     root = shared_dataset("mvtec_bottle")
     return root, SpadeDetector().fit(read_train(root))
+
+
+@contextmanager
+def served(model: Path, threads: int = 1) -> Iterator[str]:
+    """`mlflow models serve` of a model directory on a free port of 127.0.0.1: its base URL."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS=str(threads))
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_up(url)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def wait_until_up(url: str, seconds: float = 120) -> None:
+    """Until the server at `url` answers /ping (fails the test after `seconds`)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow models serve did not come up in {seconds:.0f} s")
 
 
 def free_port() -> int:

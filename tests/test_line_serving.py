@@ -1,10 +1,7 @@
 """A line model served by `mlflow models serve` and scored on Spark: one endpoint, many part types."""
 
 import base64
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -15,8 +12,7 @@ from mlflow_knn_anomaly import SpadeConfig, save_model
 from mlflow_knn_anomaly.datasets import make_synthetic, read_test, read_train
 from mlflow_knn_anomaly.line import LineDetector
 
-from .conftest import free_port
-from .test_serving import _wait_until_up
+from .conftest import served
 
 pytestmark = pytest.mark.slow
 NAMES = ("disc", "plate")
@@ -45,21 +41,8 @@ def model(line, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model):
-    port = free_port()
-    env = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS="1")
-    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url)
+    with served(model) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def _post(url: str, columns: list[str], rows: list[list]) -> requests.Response:
@@ -113,14 +96,21 @@ def test_spark_scores_a_line_with_the_category_of_each_folder(model, line, roots
             shutil.copy(sample.path, source / name / f"{sample.defect_type}-{sample.path.name}")
     (source / "bottle").mkdir()
     shutil.copy(read_test(roots["disc"])[0].path, source / "bottle" / "x.png")
+    paths = sorted(source.rglob("*.png"))
+    table = pd.DataFrame({"path": [str(p) for p in paths], "part": [p.parent.name for p in paths]})
+    table.to_parquet(tmp_path / "table.parquet")
     spark = session("local[2]")
     try:
         rows = score(spark, str(model), str(source), str(tmp_path / "out.parquet"), category_from_folder=True)
+        score(spark, str(model), str(tmp_path / "table.parquet"), str(tmp_path / "by_column.parquet"), "part")
     finally:
         spark.stop()
+    by_column = pd.read_parquet(tmp_path / "by_column.parquet").sort_values("path").reset_index(drop=True)
     out = pd.read_parquet(tmp_path / "out.parquet").sort_values("path").reset_index(drop=True)
     assert rows == 7 and list(out["category"]) == ["bottle"] + ["disc"] * 3 + ["plate"] * 3
     assert "unknown category 'bottle'" in out["error"][0] and (out["error"][1:] == "").all()
+    assert list(by_column["category"]) == list(out["category"])  # the table's column names the same parts
+    np.testing.assert_allclose(by_column["score"].to_numpy(float), out["score"].to_numpy(float), equal_nan=True)
     for name in NAMES:
         part = out[out["category"] == name]
         expected = line.detector(name).predict([source / name / p.split("/")[-1] for p in part["path"]]).scores

@@ -79,3 +79,15 @@ def test_bad_rois_are_refused_before_any_work(parts, tmp_path):
             SpadeDetector(SpadeConfig(k_images=3, roi=str(tmp_path / name))).fit(images)
     with pytest.raises(ValueError, match="aspect ratios from 1.000 to 1.500"):
         check_roi(read_roi(_disc_roi(tmp_path / "disc.png")), [(100, 100), (150, 100)])
+
+
+def test_a_line_model_keeps_a_roi_per_category(parts, tmp_path):
+    from mlflow_knn_anomaly import LineDetector
+
+    roi = _disc_roi(tmp_path / "roi.png")
+    configs = {"with-roi": SpadeConfig(k_images=3, roi=str(roi)), "plain": SpadeConfig(k_images=3)}
+    images = read_train(parts)
+    line = LineDetector.load(LineDetector.fit(dict.fromkeys(configs, images), configs).save(tmp_path / "line"))
+    assert line.detector("with-roi").roi is not None and line.detector("plain").roi is None
+    corner = _paste([s.path for s in read_test(parts) if not s.is_anomalous][0], (2, 2, 22, 22))
+    assert line.detector("with-roi").predict([corner], "all").rois[0][:22, :22].sum() == 0

@@ -23,7 +23,7 @@ from mlflow_knn_anomaly import decode_mask, save_model
 from mlflow_knn_anomaly.datasets import read_test
 from mlflow_knn_anomaly.runtime import THREADS_ENV
 
-from .conftest import encode_image, free_port
+from .conftest import encode_image, free_port, served, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -42,33 +42,8 @@ def _bomb_png(width: int = 40000, height: int = 40000) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    model = model_dir
-    port = free_port()
-    env = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS="1")
-    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_up(url)
+    with served(model_dir) as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def _wait_until_up(url: str, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/ping", timeout=1).status_code == 200:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not come up in {seconds:.0f} s")
 
 
 def _post(url: str, rows: list, params: dict | None = None, column: str = "image") -> requests.Response:
@@ -210,7 +185,7 @@ def test_two_workers_share_the_free_cores_and_draw_no_progress_bar(fitted, synth
     reader.start()
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_until_up(url)
+        wait_until_up(url)
         image = _b64(read_test(synthetic_root)[-1].path.read_bytes())
         assert all(_post(url, [image], {"segment": "all"}).status_code == 200 for _ in range(4))
         deadline = time.monotonic() + 120  # the second worker may still be loading
