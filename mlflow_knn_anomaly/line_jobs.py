@@ -23,7 +23,7 @@ from .pyfunc_model import load_model, model_category
 from .spade import SpadeDetector, split_holdout
 
 _logger = logging.getLogger(__name__)
-CATEGORIES_TAG = "line.categories"
+CATEGORIES_TAG = registry.CATEGORIES_TAG
 CHANGE_TAG = "line.change"
 
 

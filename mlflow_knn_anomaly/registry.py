@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 CHAMPION, PREVIOUS = "champion", "previous"
 EVAL_PREFIX = "eval."
 DIGEST_TAG = "eval.data_digest"
+CATEGORIES_TAG = "line.categories"  # a line version's categories, set when it is registered
 MEAN = "mean"
 MAX_CATEGORY_DROP = 0.005
 
@@ -173,7 +174,9 @@ def _line_decision(
             )
     deltas = {c: mine[c] - theirs[c] for c in common}
     lost = {c: d for c, d in deltas.items() if d < -max_category_drop}
-    added, removed = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    # Coverage from the versions' categories: one without `metric` (image labels only) still counts.
+    covers, covered = _categories(version, mine), _categories(champion, theirs)
+    added, removed = sorted(covers - covered), sorted(covered - covers)
     value, best = sum(mine[c] for c in common) / len(common), sum(theirs[c] for c in common) / len(common)
     coverage = bool(added or removed)
     wins = not lost and (coverage or value - best > min_delta)
@@ -191,6 +194,12 @@ def _line_decision(
     tags["promotion.lost"] = ",".join(lost)
     tags["promotion.added"], tags["promotion.removed"] = ",".join(added), ",".join(removed)
     return Decision(wins, version.version, champion.version, reason), tags
+
+
+def _categories(version: ModelVersion, figures: dict[str, float]) -> set[str]:
+    """The part types a line version covers: its `line.categories` tag, else those it was evaluated on."""
+    tag = (version.tags or {}).get(CATEGORIES_TAG)
+    return set(tag.split(",")) if tag else set(figures)
 
 
 def rollback(name: str) -> Decision:

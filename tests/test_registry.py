@@ -120,3 +120,13 @@ def test_line_categories_evaluated_on_other_data_are_not_compared(client, tmp_pa
     v2 = _line_version(client, tmp_path, {"bottle": 0.95}, digest="B")
     with pytest.raises(ValueError, match="category 'bottle' of v2 was evaluated on other data"):
         registry.promote("m", v2)
+
+
+def test_an_added_part_type_with_image_labels_only_counts_as_coverage(client, tmp_path):
+    v1 = _line_version(client, tmp_path, {"bottle": 0.90})
+    client.set_model_version_tag("m", v1, registry.CATEGORIES_TAG, "bottle")
+    registry.promote("m", v1)
+    v2 = _line_version(client, tmp_path, {"bottle": 0.90})  # transistor: no aupro, image labels only
+    client.set_model_version_tag("m", v2, registry.CATEGORIES_TAG, "bottle,transistor")
+    decision = registry.promote("m", v2)
+    assert decision.promoted and "added ['transistor']" in decision.reason

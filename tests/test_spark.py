@@ -63,7 +63,14 @@ def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_pa
     from mlflow_knn_anomaly.regions import decode_regions, encode_regions
 
     for text, regions, segmented in zip(good["regions"], expected.regions, expected.segmented):
-        assert decode_regions(text) == decode_regions(encode_regions(regions)) if segmented else text is None
+        if not segmented:
+            assert text is None
+            continue
+        # Spark's workers sum features with their own thread count: peaks agree to float rounding
+        got, want = decode_regions(text), decode_regions(encode_regions(regions))
+        boxes = [[(r.x, r.y, r.width, r.height, r.area) for r in found] for found in (got, want)]
+        assert boxes[0] == boxes[1]
+        np.testing.assert_allclose([r.peak for r in got], [r.peak for r in want], atol=2e-4)
     for mask_png, mask, segmented in zip(good["mask"], expected.masks, expected.segmented):
         if segmented:
             import base64
