@@ -1,18 +1,31 @@
-"""mlflow-knn-anomaly: SPADE two-stage kNN anomaly detection as an MLflow model."""
+"""mlflow-knn-anomaly: SPADE two-stage kNN anomaly detection as an MLflow model.
 
-from .config import SpadeConfig
-from .line import LineDetector
-from .regions import Region, decode_regions
-from .spade import Prediction, SpadeDetector
+The public names are imported on first use (PEP 562), so that `import mlflow_knn_anomaly.cli` and
+`mlflow-knn-anomaly --help` need neither torch nor MLflow.
+"""
+
+from importlib import import_module
+
 from .version import __version__
 
-__all__ = ["LineDetector", "Prediction", "Region", "SpadeConfig", "SpadeDetector", "__version__", "decode_regions"]
+_PUBLIC = {
+    "SpadeConfig": "config",
+    "LineDetector": "line",
+    "Region": "regions",
+    "decode_regions": "regions",
+    "Prediction": "spade",
+    "SpadeDetector": "spade",
+    # the MLflow surface: the algorithm never needs mlflow at import
+    "log_model": "pyfunc_model",
+    "save_model": "pyfunc_model",
+    "load_model": "pyfunc_model",
+    "decode_mask": "pyfunc_model",
+    "decode_anomaly_map": "pyfunc_model",
+}
+__all__ = ["__version__", *_PUBLIC]
 
 
 def __getattr__(name: str):
-    # The MLflow surface is imported lazily so that the algorithm never needs mlflow at import.
-    if name in ("log_model", "save_model", "load_model", "decode_mask", "decode_anomaly_map"):
-        from . import pyfunc_model
-
-        return getattr(pyfunc_model, name)
+    if name in _PUBLIC:
+        return getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
     raise AttributeError(f"module 'mlflow_knn_anomaly' has no attribute {name!r}")

@@ -1,21 +1,22 @@
 """`mlflow-knn-anomaly` console script; the MLproject entry points call the same commands.
 
 Options of build-bank and main map one to one onto SpadeConfig fields (and MLproject parameters).
+torch, faiss and MLflow are imported when a command runs, so that --help and argument errors
+answer at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
 import sys
 
 import click
-from mlflow.exceptions import MlflowException
 
-from . import jobs, registry
-from .config import CALIBRATED, OVERRIDES, SpadeConfig, parse_categories
+from .config import CALIBRATED, MAX_CATEGORY_DROP, OVERRIDES, SYNTHETIC, SpadeConfig, parse_categories
 from .runtime import THREADS_ENV, configure_threads
 
 _FIELDS = dataclasses.fields(SpadeConfig)
@@ -65,7 +66,17 @@ def cli(threads: int | None) -> None:
     """SPADE kNN anomaly detection on MLflow: build banks, evaluate, promote, roll back."""
     if threads:  # through the environment, so that a model loaded through pyfunc (evaluate) keeps it too
         os.environ[THREADS_ENV] = str(threads)
-    configure_threads()
+
+
+def _runs(command):
+    """A command's body: threads sized (torch and faiss imported) only once it runs."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        configure_threads()
+        return command(*args, **kwargs)
+
+    return run
 
 
 DATA_HELP = "MVTec-layout folder, a folder of them (a line model: one category each), or 'synthetic'"
@@ -82,7 +93,7 @@ def _line_options(command):
 
 
 @cli.command("build-bank")
-@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help=DATA_HELP)
+@click.option("--data", default=SYNTHETIC, show_default=True, help=DATA_HELP)
 @click.option("--model-name", default="spade-anomaly", show_default=True)
 @click.option("--skip-bad", is_flag=True, help="skip unreadable training images (logged) instead of failing")
 @click.option("--spark-master", default=None, help="extract bank features on Spark (e.g. local[2])")
@@ -93,8 +104,12 @@ def build_bank_command(
     **options,
 ) -> None:  # fmt: skip
     """Fit on <data>/train/good (or each category of a root), log the model and register a new version."""
+    config = _config(options)  # a bad option fails before torch and MLflow load
+    configure_threads()
+    from . import jobs
+
     run_id, version = jobs.build_bank(
-        data, _config(options), model_name, skip_bad=skip_bad, spark_master=spark_master,
+        data, config, model_name, skip_bad=skip_bad, spark_master=spark_master,
         categories=parse_categories(categories), category_settings=category_settings or None,
     )  # fmt: skip
     click.echo(json.dumps({"run_id": run_id, "model_name": model_name, "version": version}))
@@ -106,8 +121,11 @@ def build_bank_command(
 @click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
 @click.option("--skip-bad", is_flag=True, help="skip unreadable images (logged) instead of failing")
 @click.option("--category", default="", help="a line model's category to add the images to")
+@_runs
 def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_bad: bool, category: str) -> None:
     """Add new normal images to a model's bank and register the result as a new version (recalibrated)."""
+    from . import jobs
+
     run_id, version = jobs.update_bank(model_uri, data, model_name, skip_bad=skip_bad, category=category or None)
     click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "version": version}))
 
@@ -119,6 +137,7 @@ def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_
 @click.option("--category-settings", default="", help="JSON/YAML file: {category: {setting: value}} overrides")
 @click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
 @click.option("--skip-bad", is_flag=True, help="skip unreadable images (logged) instead of failing")
+@_runs
 def add_category_command(
     model_uri: str, data: str, category: str, category_settings: str, model_name: str | None, skip_bad: bool
 ) -> None:
@@ -133,6 +152,7 @@ def add_category_command(
 @click.option("--model-uri", required=True, help="the parent line model")
 @click.option("--category", required=True, help="the category to take out")
 @click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
+@_runs
 def remove_category_command(model_uri: str, category: str, model_name: str | None) -> None:
     """Take a part type out of a line model and register a new version."""
     from . import line_jobs
@@ -149,6 +169,7 @@ def remove_category_command(model_uri: str, category: str, model_name: str | Non
 @click.option("--category-column", default="", help="a line model: the .parquet column naming each image's category")
 @click.option("--category-from-folder", is_flag=False, type=bool, default=False, show_default=True,
               help="a line model: each image's category is its parent folder's name")  # fmt: skip
+@_runs
 def score_command(
     model_uri: str, source: str, output: str, master: str | None, category_column: str, category_from_folder: bool
 ) -> None:
@@ -161,9 +182,12 @@ def score_command(
 
 @cli.command("evaluate")
 @click.option("--model-uri", required=True, help="e.g. models:/spade-anomaly/1 or models:/spade-anomaly@champion")
-@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+@click.option("--data", default=SYNTHETIC, show_default=True, help="MVTec-layout folder or 'synthetic'")
+@_runs
 def evaluate_command(model_uri: str, data: str) -> None:
     """Evaluate on <data>/test: metrics, curves and overlays; tag the model version."""
+    from . import jobs
+
     click.echo(json.dumps(jobs.evaluate(model_uri, data), indent=2))
 
 
@@ -172,27 +196,33 @@ def evaluate_command(model_uri: str, data: str) -> None:
 @click.option("--candidate", required=True, help="version number or alias of the candidate")
 @click.option("--metric", default="aupro", show_default=True, help="evaluation metric that decides")
 @click.option("--min-delta", type=float, default=0.0, show_default=True, help="margin the candidate must win by")
-@click.option("--max-category-drop", type=float, default=registry.MAX_CATEGORY_DROP, show_default=True,
+@click.option("--max-category-drop", type=float, default=MAX_CATEGORY_DROP, show_default=True,
               help="line models: the most any one category may lose")  # fmt: skip
+@_runs
 def promote_command(model_name: str, candidate: str, metric: str, min_delta: float, max_category_drop: float) -> None:
     """Move @champion to the candidate if it beats the champion on the same data."""
+    from . import registry
+
     decision = registry.promote(model_name, candidate, metric, min_delta, max_category_drop)
     click.echo(json.dumps(dataclasses.asdict(decision)))
 
 
 @cli.command("rollback")
 @click.option("--model-name", default="spade-anomaly", show_default=True)
+@_runs
 def rollback_command(model_name: str) -> None:
     """Swap @champion and @previous."""
+    from . import registry
+
     click.echo(json.dumps(dataclasses.asdict(registry.rollback(model_name))))
 
 
 @cli.command("main")
-@click.option("--data", default=jobs.SYNTHETIC, show_default=True, help=DATA_HELP)
+@click.option("--data", default=SYNTHETIC, show_default=True, help=DATA_HELP)
 @click.option("--model-name", default="spade-anomaly", show_default=True)
 @click.option("--metric", default="aupro", show_default=True)
 @click.option("--min-delta", type=float, default=0.0, show_default=True)
-@click.option("--max-category-drop", type=float, default=registry.MAX_CATEGORY_DROP, show_default=True)
+@click.option("--max-category-drop", type=float, default=MAX_CATEGORY_DROP, show_default=True)
 @click.option("--skip-bad", is_flag=True)
 @_line_options
 @_config_options
@@ -201,8 +231,12 @@ def main_command(
     categories: str, category_settings: str, **options,
 ) -> None:  # fmt: skip
     """The whole lifecycle: build bank -> evaluate -> register -> promote."""
+    config = _config(options)
+    configure_threads()
+    from . import jobs
+
     decision = jobs.lifecycle(
-        data, _config(options), model_name, metric, min_delta, skip_bad=skip_bad,
+        data, config, model_name, metric, min_delta, skip_bad=skip_bad,
         categories=parse_categories(categories), category_settings=category_settings or None,
         max_category_drop=max_category_drop,
     )  # fmt: skip
@@ -224,7 +258,14 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, MlflowException) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException  # loaded by then: only a command raises one
+
+        if not isinstance(exc, MlflowException):
+            raise
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 

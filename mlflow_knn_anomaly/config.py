@@ -26,6 +26,8 @@ SCORE_FUSIONS = ("map", "max", "mean")
 DEVICES = ("auto", "cpu", "cuda")
 # A threshold given by the user instead of the calibrated one; MLproject spells "none given" so.
 CALIBRATED = "calibrated"
+SYNTHETIC = "synthetic"  # `data`: the embedded synthetic dataset
+MAX_CATEGORY_DROP = 0.005  # promote: the most one category of a line may lose
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from . import registry
-from .config import SpadeConfig
+from .config import SYNTHETIC, SpadeConfig
 from .datasets import find_categories, is_mvtec_folder, make_synthetic, read_test, read_train
 from .evaluation import PIXEL_METRICS
 from .evaluator import EVALUATOR_NAME, MEAN, MODEL_TYPE, frame_from_folder
@@ -32,7 +32,6 @@ from .line import LineDetector
 from .pyfunc_model import is_line_model, load_model, log_model, model_categories, model_category
 from .spade import SpadeDetector, split_holdout
 
-SYNTHETIC = "synthetic"
 _logger = logging.getLogger(__name__)
 
 

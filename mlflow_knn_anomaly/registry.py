@@ -14,12 +14,13 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from .config import MAX_CATEGORY_DROP
+
 CHAMPION, PREVIOUS = "champion", "previous"
 EVAL_PREFIX = "eval."
 DIGEST_TAG = "eval.data_digest"
 CATEGORIES_TAG = "line.categories"  # a line version's categories, set when it is registered
 MEAN = "mean"
-MAX_CATEGORY_DROP = 0.005
 
 
 @dataclass(frozen=True)

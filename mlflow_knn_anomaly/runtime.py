@@ -1,4 +1,8 @@
-"""Thread sizing: use the cores that are actually free, shared among a server's worker processes."""
+"""Thread sizing: use the cores that are actually free, shared among a server's worker processes.
+
+torch and faiss are imported where they are used, so that the CLI can import this module and
+answer --help without them.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,6 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 THREADS_ENV = "MLFLOW_KNN_ANOMALY_THREADS"
 
@@ -26,6 +28,7 @@ def configure_threads(threads: int | None = None, workers: int = 1) -> int:
     MLFLOW_KNN_ANOMALY_THREADS, when set, wins over both.
     """
     import faiss
+    import torch
 
     env = os.environ.get(THREADS_ENV)
     n = threads or (int(env) if env else max(1, free_cores() // max(1, workers)))
@@ -41,6 +44,7 @@ def threads_kept() -> Iterator[None]:
     change how the rest of its process computes (features summed with another thread count differ
     in the last bits)."""
     import faiss
+    import torch
 
     torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
     try:
@@ -50,8 +54,10 @@ def threads_kept() -> Iterator[None]:
         faiss.omp_set_num_threads(faiss_threads)
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str):
     """ "auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error that says so."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
