@@ -29,7 +29,7 @@ from .evaluation import PIXEL_METRICS
 from .evaluator import EVALUATOR_NAME, MEAN, MODEL_TYPE, frame_from_folder
 from .images import load_image
 from .line import LineDetector
-from .pyfunc_model import is_line_model, load_model, log_model, model_categories, model_category
+from .pyfunc_model import load_model, log_model, model_categories, model_flavor
 from .spade import SpadeDetector, split_holdout
 
 _logger = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def build_bank(
                 detector = spark.build_bank(spark.session(spark_master), images, config)
             else:
                 detector = SpadeDetector(config).fit(images, progress=True)
-            _log_fit(detector, len(images), time.perf_counter() - start)
+            log_fit(detector, len(images), time.perf_counter() - start)
             info = log_and_register(detector, model_name, category=root.name)
             return run.info.run_id, str(info.registered_model_version)
 
@@ -119,16 +119,15 @@ def update_bank(
         (run id, registered version).
     """
     parent = registry.model_ref(model_uri)
-    name = model_name or (parent.versions[0].name if parent.versions else None)
-    if name is None:
-        raise ValueError(f"{model_uri} is not a registered model version: pass --model-name for the new version.")
-    if is_line_model(model_uri):
+    name = new_version_name(parent, model_uri, model_name)
+    flavor = model_flavor(model_uri)
+    if "categories" in flavor:
         from . import line_jobs
 
         with tempfile.TemporaryDirectory() as tmp:
             root = resolve_data(data, Path(tmp))
             return line_jobs.update_category(model_uri, root, data, category or "", name, skip_bad)
-    saved_category = model_category(model_uri)
+    saved_category = flavor.get("category")
     if category and category != saved_category:
         raise ValueError(f"{model_uri} holds the one category {saved_category!r}, not {category!r}.")
     with tempfile.TemporaryDirectory() as tmp, run_of("update_bank") as run:
@@ -140,7 +139,7 @@ def update_bank(
         mlflow.log_input(folder_dataset(root, images, "train"), context="training")
         start = time.perf_counter()
         updated = detector.update(images, progress=True)
-        _log_fit(updated, len(images), time.perf_counter() - start)
+        log_fit(updated, len(images), time.perf_counter() - start)
         info = log_and_register(updated, name, category=saved_category)
         version = str(info.registered_model_version)
         client = MlflowClient()
@@ -148,6 +147,14 @@ def update_bank(
         if parent.versions:
             client.set_model_version_tag(name, version, "parent.version", parent.versions[0].version)
         return run.info.run_id, version
+
+
+def new_version_name(parent: registry.ModelRef, model_uri: str, model_name: str | None) -> str:
+    """The registered model a child of `model_uri` joins: `model_name`, else the parent's."""
+    name = model_name or (parent.versions[0].name if parent.versions else None)
+    if name is None:
+        raise ValueError(f"{model_uri} is not a registered model version: pass --model-name for the new version.")
+    return name
 
 
 def log_and_register(detector: SpadeDetector | LineDetector, model_name: str, category: str | None = None):
@@ -184,18 +191,19 @@ def readable_train_images(root: Path, skip_bad: bool, category: str | None = Non
     return images
 
 
-def _log_fit(detector: SpadeDetector, n_images: int, seconds: float) -> None:
+def log_fit(detector: SpadeDetector, n_images: int, seconds: float, category: str | None = None) -> None:
+    """The bank's size, the build's speed and the calibration as metrics (`<category>.` prefixed)."""
     bank = detector.bank
-    mlflow.log_metrics(
-        {
-            "bank_images": bank.n_images,
-            "bank_bytes": bank.nbytes,
-            "bank_bytes_per_image": bank.nbytes / bank.n_images,
-            "build_seconds": seconds,
-            "build_images_per_s": n_images / seconds,
-            **detector.calibration.metrics(),
-        }
-    )
+    figures = {
+        "bank_images": bank.n_images,
+        "bank_bytes": bank.nbytes,
+        "bank_bytes_per_image": bank.nbytes / bank.n_images,
+        "build_seconds": seconds,
+        "build_images_per_s": n_images / seconds,
+        **detector.calibration.metrics(),
+    }
+    prefix = f"{category}." if category else ""
+    mlflow.log_metrics({prefix + key: float(value) for key, value in figures.items()})
 
 
 def content_digest(root: Path, paths: list[Path]) -> str:
@@ -212,9 +220,9 @@ def data_digest(root: Path) -> str:
     return content_digest(root, [p for s in read_test(root) for p in (s.path, s.mask_path) if p is not None])
 
 
-def line_digest(folders: dict[str, Path]) -> str:
-    """The content digest of a line's test sets: each category's name and test-set digest."""
-    text = "".join(f"{name}:{data_digest(path)};" for name, path in folders.items())
+def line_digest(digests: dict[str, str]) -> str:
+    """The content digest of a line's test sets from {category: its test-set digest}."""
+    text = "".join(f"{name}:{digest};" for name, digest in digests.items())
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -273,7 +281,8 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
         root = resolve_data(data, Path(tmp))
         target = registry.model_ref(model_uri)
         folders = evaluation_folders(model_uri, root)
-        digest = data_digest(root) if folders is None else line_digest(folders)
+        digests = {name: data_digest(path) for name, path in (folders or {}).items()}  # read each file once
+        digest = data_digest(root) if folders is None else line_digest(digests)
         log_new_params({"model_uri": model_uri, "data": data, "data_digest": digest})
         dataset = evaluation_dataset(root, digest, folders)
         mlflow.log_input(dataset, context="evaluation")  # MLflow's evaluate logs it again, without the context
@@ -287,9 +296,9 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
         prefixes = [""] if folders is None else [f"{name}." for name in [*folders, MEAN]]
         for version in target.versions:
             _tag_version(version, result.metrics, digest, prefixes)
-            for name, path in (folders or {}).items():  # line promotion compares category by category
+            for name, category_digest in digests.items():  # line promotion compares category by category
                 key = f"{registry.EVAL_PREFIX}{name}.data_digest"
-                MlflowClient().set_model_version_tag(version.name, version.version, key, data_digest(path))
+                MlflowClient().set_model_version_tag(version.name, version.version, key, category_digest)
         return result.metrics
 
 

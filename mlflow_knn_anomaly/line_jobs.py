@@ -77,7 +77,7 @@ def build_line(
         line = LineDetector.fit(images, configs, settings=config, progress=True)
         mlflow.log_metric("build_seconds", time.perf_counter() - start)
         for name in configs:
-            _log_category_fit(name, line.detector(name), line.fit_seconds_[name])
+            jobs.log_fit(line.detector(name), len(images[name]), line.fit_seconds_[name], name)
         version = _register(line, model_name, {CHANGE_TAG: f"built {len(configs)} categories"})
         return run.info.run_id, version
 
@@ -97,7 +97,7 @@ def update_category(
         mlflow.log_input(jobs.folder_dataset(root, images, "train"), context="training")
         start = time.perf_counter()
         updated = line.detector(category).update(images, progress=True)
-        _log_category_fit(category, updated, time.perf_counter() - start)
+        jobs.log_fit(updated, len(images), time.perf_counter() - start, category)
         change = f"update_bank {category}: +{len(images)} normal images"
         version = _register(line.with_category(category, updated), model_name, {CHANGE_TAG: change}, model_uri)
         return run.info.run_id, version
@@ -113,7 +113,7 @@ def add_category(
     Returns:
         (run id, registered version).
     """
-    name = _model_name(model_uri, model_name)
+    name = jobs.new_version_name(registry.model_ref(model_uri), model_uri, model_name)
     line = _load_line(model_uri)
     if category in line.categories:
         raise ValueError(
@@ -137,14 +137,14 @@ def add_category(
         detector = SpadeDetector(config, backbone=line.backbone).fit(images, progress=True)
         seconds = time.perf_counter() - start
         mlflow.log_metric("build_seconds", seconds)
-        _log_category_fit(category, detector, seconds)
+        jobs.log_fit(detector, len(images), seconds, category)
         version = _register(line.with_category(category, detector), name, {CHANGE_TAG: f"added {category}"}, model_uri)
         return run.info.run_id, version
 
 
 def remove_category(model_uri: str, category: str, model_name: str | None = None) -> tuple[str, str]:
     """Register a version of a line model without `category`; the others are copied as they are."""
-    name = _model_name(model_uri, model_name)
+    name = jobs.new_version_name(registry.model_ref(model_uri), model_uri, model_name)
     line = _load_line(model_uri)
     smaller = line.without_category(category)
     with jobs.run_of("remove_category") as run:
@@ -165,14 +165,6 @@ def _load_line(model_uri: str) -> LineDetector:
             "rebuild it with build_bank to name it, or build a line model from a root of folders."
         )
     return LineDetector({category: model})
-
-
-def _model_name(model_uri: str, model_name: str | None) -> str:
-    parent = registry.model_ref(model_uri)
-    name = model_name or (parent.versions[0].name if parent.versions else None)
-    if name is None:
-        raise ValueError(f"{model_uri} is not a registered model version: pass --model-name for the new version.")
-    return name
 
 
 def _register(line: LineDetector, model_name: str, tags: dict[str, str], parent_uri: str | None = None) -> str:
@@ -203,14 +195,3 @@ def _log_overrides(config: SpadeConfig, configs: dict[str, SpadeConfig]) -> None
     }
     if params:
         mlflow.log_params(params)
-
-
-def _log_category_fit(category: str, detector: SpadeDetector, seconds: float) -> None:
-    bank = detector.bank
-    figures = {
-        "bank_images": bank.n_images,
-        "bank_bytes": bank.nbytes,
-        "build_seconds": seconds,
-        **detector.calibration.metrics(),
-    }
-    mlflow.log_metrics({f"{category}.{key}": float(value) for key, value in figures.items()})

@@ -360,7 +360,7 @@ def load_model(model_uri: str) -> SpadeDetector | LineDetector:
     return LineDetector.load(data) if is_line(data) else SpadeDetector.load(data)
 
 
-def _flavor(model_uri: str) -> dict[str, Any]:
+def model_flavor(model_uri: str) -> dict[str, Any]:
     """This flavor's MLmodel entry of a model (only the MLmodel file is fetched)."""
     try:
         local = mlflow.artifacts.download_artifacts(model_uri.rstrip("/") + "/MLmodel")
@@ -371,13 +371,9 @@ def _flavor(model_uri: str) -> dict[str, Any]:
 
 def model_category(model_uri: str) -> str | None:
     """A single detector's saved category (None for a line model or a model saved without one)."""
-    return _flavor(model_uri).get("category")
+    return model_flavor(model_uri).get("category")
 
 
 def model_categories(model_uri: str) -> list[str] | None:
     """A line model's categories; None for a single-category model."""
-    return _flavor(model_uri).get("categories")
-
-
-def is_line_model(model_uri: str) -> bool:
-    return model_categories(model_uri) is not None
+    return model_flavor(model_uri).get("categories")
