@@ -161,7 +161,7 @@ class LineDetector:
             close = [c for c in self._configs if c.casefold() == category.strip().casefold()]
             hint = f" (did you mean {close[0]!r}? names are exact)" if close else ""
         what = "no category" if category in (None, "") else f"unknown category {category!r}"
-        return _raise(f"{what}{hint}; this line model holds {list(self._configs)}.")
+        raise ValueError(f"{what}{hint}; this line model holds {list(self._configs)}.")
 
     def detector(self, category: str) -> SpadeDetector:
         """The category's detector, opened (its bank memory-mapped, its hashes verified) on first use."""
@@ -261,7 +261,3 @@ def read_record(path: Path) -> dict:
             f"{path} is a line model of format {record.get('format_version')}; this version reads {LINE_FORMAT}."
         )
     return record
-
-
-def _raise(message: str):
-    raise ValueError(message)
