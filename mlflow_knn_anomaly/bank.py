@@ -24,17 +24,24 @@ class FeatureBank:
         features: {layer: (P, C)} pixel features of all images, row-major (y, x) per image, float16
             or float32; may be memory-mapped read-only arrays.
         offsets: {layer: (N + 1,) int64} first row of each image, and the total row count.
+        statistics: (N, S) float32 image statistics of each image (`drift.STATISTICS`), what
+            monitoring compares production images with; None in banks saved before it.
     """
 
     pooled: np.ndarray
     features: dict[str, np.ndarray]
     offsets: dict[str, np.ndarray]
+    statistics: np.ndarray | None = None
 
     @classmethod
-    def from_images(cls, pooled: np.ndarray, images: list[dict[str, np.ndarray]]) -> FeatureBank:
-        """Assemble a bank from pooled (N, D) features and, per image, {layer: (h_i * w_i, C) rows}."""
+    def from_images(
+        cls, pooled: np.ndarray, images: list[dict[str, np.ndarray]], statistics: np.ndarray | None = None
+    ) -> FeatureBank:
+        """Assemble a bank from pooled (N, D) features, per image {layer: (h_i * w_i, C) rows}, and
+        (N, S) image statistics."""
         layers = list(images[0]) if images else []
         return cls(
+            statistics=None if statistics is None else np.asarray(statistics, dtype=np.float32),
             pooled=np.ascontiguousarray(pooled, dtype=np.float32),
             features={layer: np.concatenate([rows[layer] for rows in images]) for layer in layers},
             offsets={
@@ -51,6 +58,11 @@ class FeatureBank:
             pooled=np.concatenate([self.pooled, other.pooled]),
             features={k: np.concatenate([v, other.features[k].astype(v.dtype)]) for k, v in self.features.items()},
             offsets={k: np.concatenate([v, other.offsets[k][1:] + v[-1]]) for k, v in self.offsets.items()},
+            statistics=(
+                None
+                if self.statistics is None or other.statistics is None
+                else np.concatenate([self.statistics, other.statistics])
+            ),
         )
 
     @property
@@ -74,6 +86,8 @@ class FeatureBank:
         for layer in self.features:
             arrays[f"map_{layer}"] = self.features[layer]
             arrays[f"offsets_{layer}"] = self.offsets[layer]
+        if self.statistics is not None:
+            arrays["statistics"] = self.statistics
         for key, array in arrays.items():
             np.save(directory / f"{key}.npy", np.ascontiguousarray(array), allow_pickle=False)
         manifest = {
@@ -103,4 +117,5 @@ class FeatureBank:
             pooled=arrays["pooled"],
             features={layer: arrays[f"map_{layer}"] for layer in layers},
             offsets={layer: np.asarray(arrays[f"offsets_{layer}"]) for layer in layers},
+            statistics=np.asarray(arrays["statistics"]) if "statistics" in arrays else None,
         )

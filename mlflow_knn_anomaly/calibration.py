@@ -36,6 +36,8 @@ class Calibration:
             share of normal images sent to stage 2); None for models saved before the gate.
         gate_synthetic_auroc: stage-1 ROCAUC, held-out normal images against their synthetic
             anomalies; None for models saved before the gate.
+        holdout_scores: the held-out images' stage-1 scores, what monitoring compares a batch's
+            with (`drift`); None for models saved before monitoring.
     """
 
     image_threshold: float
@@ -48,13 +50,22 @@ class Calibration:
     layer_scales: tuple[float, ...]
     gate_normal_share: float | None = None
     gate_synthetic_auroc: float | None = None
+    holdout_scores: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict:
-        return {**dataclasses.asdict(self), "layer_scales": list(self.layer_scales)}
+        scores = None if self.holdout_scores is None else list(self.holdout_scores)
+        return {**dataclasses.asdict(self), "layer_scales": list(self.layer_scales), "holdout_scores": scores}
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
-        return cls(**{**data, "layer_scales": tuple(float(x) for x in data["layer_scales"])})
+        scores = data.get("holdout_scores")
+        return cls(
+            **{
+                **data,
+                "layer_scales": tuple(float(x) for x in data["layer_scales"]),
+                "holdout_scores": None if scores is None else tuple(float(x) for x in scores),
+            }
+        )
 
     def metrics(self) -> dict[str, float]:
         """The scalar fields, as MLflow metrics (`calibration.<name>`)."""

@@ -16,7 +16,7 @@ import sys
 
 import click
 
-from .config import CALIBRATED, MAX_CATEGORY_DROP, OVERRIDES, SYNTHETIC, SpadeConfig, parse_categories
+from .config import CALIBRATED, MAX_CATEGORY_DROP, OVERRIDES, SYNTHETIC, MonitorLimits, SpadeConfig, parse_categories
 from .runtime import THREADS_ENV, configure_threads
 
 _FIELDS = dataclasses.fields(SpadeConfig)
@@ -117,17 +117,50 @@ def build_bank_command(
 
 @cli.command("update-bank")
 @click.option("--model-uri", required=True, help="the parent, e.g. models:/spade-anomaly@champion or models:/NAME/3")
-@click.option("--data", required=True, help="MVTec-layout folder whose train/good holds the new normal images")
+@click.option("--data", default="", help="MVTec-layout folder whose train/good holds the new normal images")
+@click.option("--images", default="", help="or a list of them (.txt, .csv or .parquet with a path column): "
+              "false alarms operators confirmed as normal")  # fmt: skip
 @click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
-@click.option("--skip-bad", is_flag=True, help="skip unreadable images (logged) instead of failing")
+@click.option("--skip-bad", is_flag=False, type=bool, default=False, show_default=True,
+              help="true: skip missing or unreadable images (logged) instead of failing")  # fmt: skip
 @click.option("--category", default="", help="a line model's category to add the images to")
 @_runs
-def update_bank_command(model_uri: str, data: str, model_name: str | None, skip_bad: bool, category: str) -> None:
+def update_bank_command(
+    model_uri: str, data: str, images: str, model_name: str | None, skip_bad: bool, category: str
+) -> None:
     """Add new normal images to a model's bank and register the result as a new version (recalibrated)."""
     from . import jobs
 
-    run_id, version = jobs.update_bank(model_uri, data, model_name, skip_bad=skip_bad, category=category or None)
+    run_id, version = jobs.update_bank(
+        model_uri, data or None, model_name, skip_bad=skip_bad, category=category or None, images=images or None
+    )
     click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "version": version}))
+
+
+@cli.command("monitor")
+@click.option("--model-uri", default="models:/spade-anomaly@champion", show_default=True)
+@click.option("--source", required=True, help="folder of recent images (a line: one subfolder per category), "
+              "or a .txt/.csv/.parquet list with a path (and category) column")  # fmt: skip
+@click.option("--p-value", type=float, default=MonitorLimits.p_value, show_default=True,
+              help="a drift test (KS) alerts below this p-value")  # fmt: skip
+@click.option("--min-change", type=float, default=MonitorLimits.min_change, show_default=True,
+              help="an image statistic alerts only when its median also moved by this share")  # fmt: skip
+@click.option("--max-anomalous-share", type=float, default=MonitorLimits.max_anomalous_share, show_default=True,
+              help="alert when more than this share of the batch is anomalous")  # fmt: skip
+@click.option("--min-images", type=int, default=MonitorLimits.min_images, show_default=True,
+              help="smaller batches (per category) run no drift test")  # fmt: skip
+@click.option("--experiment", default=None, help="experiment of the run (default: <model name>-monitoring)")
+def monitor_command(
+    model_uri: str, source: str, p_value: float, min_change: float, max_anomalous_share: float, min_images: int,
+    experiment: str | None,
+) -> None:  # fmt: skip
+    """Score a batch of production images, log drift figures and an alert to <model name>-monitoring."""
+    limits = MonitorLimits(p_value, min_change, max_anomalous_share, min_images)  # fails before torch loads
+    configure_threads()
+    from . import monitoring
+
+    result = monitoring.monitor(model_uri, source, limits, experiment)
+    click.echo(json.dumps({k: v for k, v in result.items() if k != "figures"}))
 
 
 @cli.command("add-category")

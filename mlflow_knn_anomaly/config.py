@@ -334,3 +334,35 @@ CONSTRAINTS = {
     "device": _choice(DEVICES),
 }
 OVERRIDES = ("image_threshold", "pixel_threshold")
+
+
+@dataclass(frozen=True)
+class MonitorLimits:
+    """When a monitored batch alerts (`drift.reasons`; the `monitor` job's options).
+
+    Attributes:
+        p_value: a drift test alerts below this p-value. Four tests run per batch, so a batch of
+            unchanged normal images alerts with a probability of at most 4 times this.
+        min_change: an image statistic's drift alerts only when the batch's median also differs
+            from the bank's by at least this share: with hundreds of bank images the test finds
+            differences too small to matter (bottle's normal test images are 1 % brighter than its
+            bank). The stage-1 score's drift needs no such margin: its reference is the few held-out
+            images, and a change of the scores is one the model feels.
+        max_anomalous_share: the batch alerts when more than this share of its images is anomalous.
+        min_images: fewer images than this run no drift test (their p-values cannot reach the limit).
+    """
+
+    p_value: float = 1e-3
+    min_change: float = 0.1
+    max_anomalous_share: float = 0.2
+    min_images: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.p_value < 1.0:
+            raise ValueError(f"p_value={self.p_value} must be in (0, 1), e.g. 0.001.")
+        if self.min_change < 0.0:
+            raise ValueError(f"min_change={self.min_change} must be at least 0 (0.1: a change of 10 %).")
+        if not 0.0 <= self.max_anomalous_share < 1.0:
+            raise ValueError(f"max_anomalous_share={self.max_anomalous_share} must be in [0, 1), e.g. 0.2.")
+        if self.min_images < 2:
+            raise ValueError(f"min_images={self.min_images} must be at least 2.")

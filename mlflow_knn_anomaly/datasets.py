@@ -50,6 +50,41 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+LIST_SUFFIXES = (".txt", ".csv", ".parquet")
+
+
+def read_image_list(path: str | Path) -> list[tuple[Path, str | None]]:
+    """(image path, category or None) per row of an image list: a .txt of one path per line, or a
+    .csv / .parquet with a `path` column and optionally a `category` column. Relative paths are
+    relative to the list's folder. Rows are returned as written; nothing is read from the images.
+
+    Raises:
+        FileNotFoundError: no such list. ValueError: another format, no `path` column, or no rows.
+    """
+    import pandas as pd  # only this reader needs it
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image list {path.resolve()} does not exist.")
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        lines = [line.strip() for line in path.read_text().splitlines()]
+        frame = pd.DataFrame({"path": [line for line in lines if line and not line.startswith("#")]})
+    elif suffix in (".csv", ".parquet"):
+        frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
+        if "path" not in frame.columns:
+            raise ValueError(f"{path} has columns {list(frame.columns)}; an image list needs a 'path' column.")
+    else:
+        raise ValueError(f"{path} is a {suffix or 'suffix-less'} file; an image list is one of {LIST_SUFFIXES}.")
+    if frame.empty:
+        raise ValueError(f"{path} lists no images.")
+    categories = frame["category"] if "category" in frame.columns else [None] * len(frame)
+    return [
+        ((Path(p) if Path(p).is_absolute() else path.parent / p), None if c is None or c != c else str(c))
+        for p, c in zip(frame["path"].astype(str), categories)
+    ]
+
+
 def read_train(root: str | Path) -> list[Path]:
     """The normal reference images, <root>/train/good, sorted.
 

@@ -11,6 +11,7 @@ import logging
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from . import registry
 from .config import SYNTHETIC, SpadeConfig
-from .datasets import find_categories, is_mvtec_folder, make_synthetic, read_test, read_train
+from .datasets import find_categories, is_mvtec_folder, make_synthetic, read_image_list, read_test, read_train
 from .evaluation import PIXEL_METRICS
 from .evaluator import EVALUATOR_NAME, MEAN, MODEL_TYPE, frame_from_folder
 from .images import load_image
@@ -109,44 +110,111 @@ def build_bank(
 
 
 def update_bank(
-    model_uri: str, data: str, model_name: str | None = None, skip_bad: bool = False, category: str | None = None
+    model_uri: str,
+    data: str | None = None,
+    model_name: str | None = None,
+    skip_bad: bool = False,
+    category: str | None = None,
+    images: str | None = None,
 ) -> tuple[str, str]:
-    """Add <data>/train/good (new normal images) to a model's bank and register the result as a new
-    version: same settings, enlarged bank, recalibrated. The version is tagged with its parent.
-    A line model needs `category`: only that category changes.
+    """Add new normal images to a model's bank and register the result as a new version: same
+    settings, enlarged bank, recalibrated. The version is tagged with its parent.
+
+    The images are <data>/train/good, or with `images` a list of them (a .txt, .csv or .parquet
+    with a `path` column: the false alarms operators confirmed as normal); the version's tags
+    `feedback.*` count the list's images and give its digest. A line model needs `category`: only
+    that category changes (a list's `category` column, if it has one, picks the rows).
 
     Returns:
         (run id, registered version).
     """
+    if bool(data) == bool(images):
+        raise ValueError(
+            "pass the new normal images as data=FOLDER (its train/good) or as images=LIST (a .txt, .csv or "
+            ".parquet of image paths, e.g. the false alarms operators confirmed): "
+            + ("both were given." if data else "neither was given.")
+        )
     parent = registry.model_ref(model_uri)
     name = new_version_name(parent, model_uri, model_name)
     flavor = model_flavor(model_uri)
     if "categories" in flavor:
         from . import line_jobs
 
-        with tempfile.TemporaryDirectory() as tmp:
-            root = resolve_data(data, Path(tmp))
-            return line_jobs.update_category(model_uri, root, data, category or "", name, skip_bad)
+        return line_jobs.update_category(model_uri, data, images, category or "", name, skip_bad)
     saved_category = flavor.get("category")
     if category and category != saved_category:
         raise ValueError(f"{model_uri} holds the one category {saved_category!r}, not {category!r}.")
     with tempfile.TemporaryDirectory() as tmp, run_of("update_bank") as run:
-        root = resolve_data(data, Path(tmp))
-        images = readable_train_images(root, skip_bad)
+        new = new_normal_images(data, images, skip_bad, saved_category, Path(tmp), line=False)
         detector = load_model(model_uri)
-        log_new_params({"parent_model_uri": model_uri, "data": data, "n_new_images": len(images)})
+        log_new_params({"parent_model_uri": model_uri, **new.params})
         log_config(detector.config)
-        mlflow.log_input(folder_dataset(root, images, "train"), context="training")
+        mlflow.log_input(new.dataset, context="training")
         start = time.perf_counter()
-        updated = detector.update(images, progress=True)
-        log_fit(updated, len(images), time.perf_counter() - start)
+        updated = detector.update(new.paths, progress=True)
+        log_fit(updated, len(new.paths), time.perf_counter() - start)
         info = log_and_register(updated, name, category=saved_category)
         version = str(info.registered_model_version)
         client = MlflowClient()
-        client.set_model_version_tag(name, version, "parent.model_uri", model_uri)
+        tags = {"parent.model_uri": model_uri, **new.tags}
         if parent.versions:
-            client.set_model_version_tag(name, version, "parent.version", parent.versions[0].version)
+            tags["parent.version"] = parent.versions[0].version
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
         return run.info.run_id, version
+
+
+@dataclass(frozen=True)
+class NewImages:
+    """New normal images for `update_bank`, checked readable.
+
+    Attributes:
+        paths: the images. dataset: their MLflow dataset (a training input of the run).
+        params: the run's params that name them. tags: the new version's tags (`feedback.*`).
+    """
+
+    paths: list[Path]
+    dataset: MetaDataset
+    params: dict
+    tags: dict[str, str]
+
+
+def new_normal_images(
+    data: str | None, images: str | None, skip_bad: bool, category: str | None, workdir: Path, line: bool = True
+) -> NewImages:
+    """The images of `data`'s train/good, or of the list `images` (rows of another `category`
+    left out when the list has that column). Missing or unreadable images fail the job, or with
+    `skip_bad` are logged (under `category`/ in a `line`) and left out (call inside the run)."""
+    logged_as = category if line else None
+    if data:
+        root = resolve_data(data, workdir)
+        paths = readable_train_images(root, skip_bad, logged_as)
+        return NewImages(paths, folder_dataset(root, paths, "train"), {"data": data, "n_new_images": len(paths)}, {})
+    listed = read_image_list(images)
+    if category and any(c is not None for _, c in listed):
+        kept = [p for p, c in listed if c == category]
+        _logger.info("update_bank: %d of %d listed images are of category %s", len(kept), len(listed), category)
+        if not kept:
+            raise ValueError(f"{images} lists no image of category {category!r}; its categories: "
+                             f"{sorted({c for _, c in listed if c})}.")  # fmt: skip
+    else:
+        kept = [p for p, _ in listed]
+    bad = [(p, "missing") for p in kept if not p.is_file()]
+    bad += find_bad_images([p for p in kept if p.is_file()])
+    paths = drop_bad(kept, bad, skip_bad, logged_as, what="listed")
+    digest = list_digest(paths)
+    dataset = MetaDataset(source=_folder_source(Path(images)), name=f"{Path(images).stem}/feedback", digest=digest[:32])
+    tags = {"feedback.images": str(len(paths)), "feedback.digest": digest, "feedback.list": str(Path(images).resolve())}
+    return NewImages(paths, dataset, {"images": images, "n_new_images": len(paths)}, tags)
+
+
+def list_digest(paths: list[Path]) -> str:
+    """sha256 over each listed image's file name and bytes, in list order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def new_version_name(parent: registry.ModelRef, model_uri: str, model_name: str | None) -> str:
@@ -178,17 +246,27 @@ def log_and_register(detector: SpadeDetector | LineDetector, model_name: str, ca
 
 
 def readable_train_images(root: Path, skip_bad: bool, category: str | None = None) -> list[Path]:
-    """<root>/train/good; unreadable images fail the job, or with `skip_bad` are logged and left out
-    (in skipped_images.txt, or <category>/skipped_images.txt)."""
+    """<root>/train/good, checked readable (see `drop_bad`)."""
     images = read_train(root)
-    bad = find_bad_images(images)
-    if bad:
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
-        if not skip_bad:
-            raise ValueError(f"{len(bad)} unreadable training images:\n{listing}\nFix them or pass --skip-bad.")
-        mlflow.log_text(listing, f"{category}/skipped_images.txt" if category else "skipped_images.txt")
-        images = [p for p in images if p not in {b for b, _ in bad}]
-    return images
+    return drop_bad(images, find_bad_images(images), skip_bad, category, what="training")
+
+
+def drop_bad(
+    images: list[Path], bad: list[tuple[Path, str]], skip_bad: bool, category: str | None, what: str
+) -> list[Path]:
+    """`images` without the `bad` ones: with bad images the job fails, or with `skip_bad` they are
+    logged (in skipped_images.txt, or <category>/skipped_images.txt) and left out."""
+    if not bad:
+        return images
+    listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
+    if not skip_bad:
+        raise ValueError(f"{len(bad)} unreadable {what} images:\n{listing}\nFix them or pass --skip-bad.")
+    mlflow.log_text(listing, f"{category}/skipped_images.txt" if category else "skipped_images.txt")
+    dropped = {b for b, _ in bad}
+    kept = [p for p in images if p not in dropped]
+    if not kept:
+        raise ValueError(f"every one of the {len(images)} {what} images is missing or unreadable:\n{listing}")
+    return kept
 
 
 def log_fit(detector: SpadeDetector, n_images: int, seconds: float, category: str | None = None) -> None:

@@ -83,23 +83,22 @@ def build_line(
 
 
 def update_category(
-    model_uri: str, root: Path, data: str, category: str, model_name: str, skip_bad: bool
+    model_uri: str, data: str | None, images: str | None, category: str, model_name: str, skip_bad: bool
 ) -> tuple[str, str]:
-    """Add the normal images of <root>/train/good to one category of a line model."""
+    """Add new normal images (`jobs.new_normal_images`) to one category of a line model."""
     line = _load_line(model_uri)
     category = line.check_category(category)
-    with jobs.run_of("update_bank") as run:
-        images = jobs.readable_train_images(root, skip_bad)
-        jobs.log_new_params(
-            {"parent_model_uri": model_uri, "data": data, "category": category, "n_new_images": len(images)}
-        )
+    with tempfile.TemporaryDirectory() as tmp, jobs.run_of("update_bank") as run:
+        new = jobs.new_normal_images(data, images, skip_bad, category, Path(tmp))
+        jobs.log_new_params({"parent_model_uri": model_uri, "category": category, **new.params})
         jobs.log_config(line.config(category))
-        mlflow.log_input(jobs.folder_dataset(root, images, "train"), context="training")
+        mlflow.log_input(new.dataset, context="training")
         start = time.perf_counter()
-        updated = line.detector(category).update(images, progress=True)
-        jobs.log_fit(updated, len(images), time.perf_counter() - start, category)
-        change = f"update_bank {category}: +{len(images)} normal images"
-        version = _register(line.with_category(category, updated), model_name, {CHANGE_TAG: change}, model_uri)
+        updated = line.detector(category).update(new.paths, progress=True)
+        jobs.log_fit(updated, len(new.paths), time.perf_counter() - start, category)
+        change = f"update_bank {category}: +{len(new.paths)} normal images"
+        tags = {CHANGE_TAG: change, **new.tags}
+        version = _register(line.with_category(category, updated), model_name, tags, model_uri)
         return run.info.run_id, version
 
 

@@ -27,6 +27,7 @@ from .backbones import Backbone, FeaturePyramid, build_backbone
 from .bank import FeatureBank
 from .calibration import Calibration, control_limit, recall_gate, score_stats, synthetic_anomalies
 from .config import SpadeConfig, check_segment, check_threshold
+from .drift import NormalReference, image_statistics
 from .images import ImageLike, image_size, load_image, prepare
 from .knn import ImageIndex
 from .regions import Region, find_regions
@@ -209,8 +210,9 @@ class SpadeDetector:
                 x[:, outside] = ROI_FILL
         return inputs, geometries
 
-    def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
-        """Bank rows of one batch: global (n, D) float32 and, per image, {layer: (h * w, C) rows} in bank dtype."""
+    def bank_features(self, items: list[ImageLike]) -> tuple[np.ndarray, list[dict[str, np.ndarray]], np.ndarray]:
+        """Bank rows of one batch: global (n, D) float32, per image {layer: (h * w, C) rows} in bank
+        dtype, and (n, 3) image statistics (`drift.image_statistics`)."""
         inputs, _ = self._prepare(items)
         pooled, features = self.extract(inputs)
         dtype = self.config.bank_dtype
@@ -221,7 +223,7 @@ class SpadeDetector:
             }
             for image in features
         ]
-        return pooled, rows
+        return pooled, rows, image_statistics(inputs)
 
     def build_bank(self, items: list[ImageLike], desc: str | None = None) -> FeatureBank:
         """The feature bank of normal images `items`."""
@@ -230,7 +232,11 @@ class SpadeDetector:
             self.bank_features(items[i : i + size])
             for i in tqdm(range(0, len(items), size), desc=desc, unit="batch", disable=_bar_off(desc))
         ]
-        return FeatureBank.from_images(np.concatenate([b[0] for b in batches]), [r for b in batches for r in b[1]])
+        return FeatureBank.from_images(
+            np.concatenate([b[0] for b in batches]),
+            [r for b in batches for r in b[1]],
+            np.concatenate([b[2] for b in batches]),
+        )
 
     def _calibrate(self, images: list[Image.Image], progress: bool) -> Calibration:
         """Thresholds and score statistics of the held-out normal images, and the recall gate."""
@@ -265,6 +271,7 @@ class SpadeDetector:
             image_threshold=control_limit(image_scores, z),
             pixel_threshold=control_limit(maxima, z),
             layer_scales=layer_scales,
+            holdout_scores=tuple(float(x) for x in knn_scores),
             **stats,
             **recall_gate(knn_scores, synthetic, cfg.gate_recall),
         )
@@ -298,6 +305,24 @@ class SpadeDetector:
         """(N,) stage-1 scores of images (no stage 2)."""
         scores = [self.stage1(self.extract(inputs)[0])[0] for inputs, _ in self._batches(images, desc)]
         return np.concatenate(scores) if scores else np.zeros(0)
+
+    def image_statistics(self, images: list[ImageLike]) -> np.ndarray:
+        """(N, 3) image statistics of images' network inputs (`drift.image_statistics`)."""
+        rows = [image_statistics(inputs) for inputs, _ in self._batches(images, None)]
+        return np.concatenate(rows) if rows else np.zeros((0, 3))
+
+    def normal_reference(self) -> NormalReference:
+        """What monitoring compares production images with: the held-out images' stage-1 scores
+        and the bank images' statistics. A model saved before the bank kept its statistics uses
+        its held-out images' (a tenth as many), and one saved before it kept their scores
+        recomputes them (the same numbers)."""
+        if self.holdout is None:
+            raise ValueError("this model was saved without its held-out images (format 2): rebuild it to monitor it.")
+        saved = self.calibration.holdout_scores
+        scores = np.asarray(saved) if saved is not None else self.stage1_scores(self.holdout).astype(np.float64)
+        if self.bank.statistics is not None:
+            return NormalReference(scores, np.asarray(self.bank.statistics, np.float64), "bank")
+        return NormalReference(scores, self.image_statistics(self.holdout), "holdout")
 
     def _layer_distances(self, features: dict[str, torch.Tensor], nn_indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Per layer, (1, 1, h, w) pixel distances to the gallery of the first `gallery_images()[layer]`

@@ -134,19 +134,24 @@ def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
         torch.set_num_threads(threads)
         detector = _executor_detector(config_json)
         batch = batch.sort_values("index")
-        pooled, images = detector.bank_features([Path(p) for p in batch["path"]])
-        out = {"index": batch["index"].to_numpy(), "pooled": [row.tobytes() for row in pooled]}
+        pooled, images, statistics = detector.bank_features([Path(p) for p in batch["path"]])
+        out = {
+            "index": batch["index"].to_numpy(),
+            "pooled": [row.tobytes() for row in pooled],
+            "statistics": [row.tobytes() for row in statistics],
+        }
         for layer in images[0]:
             out[layer] = [rows[layer].tobytes() for rows in images]
         return pd.DataFrame(out)
 
     detector = SpadeDetector(config)
     layers = list(detector.backbone.layers)
-    schema = "index long, pooled binary, " + ", ".join(f"`{layer}` binary" for layer in layers)
+    schema = "index long, pooled binary, statistics binary, " + ", ".join(f"`{layer}` binary" for layer in layers)
     frame = spark.createDataFrame(rows).groupBy("batch").applyInPandas(extract, schema=schema)
     collected = frame.toPandas().sort_values("index")
     example = detector.bank_features(bank_paths[:1])[1][0]  # channels and dtype of each layer's rows
     pooled = np.stack([np.frombuffer(b, np.float32) for b in collected["pooled"]])
+    statistics = np.stack([np.frombuffer(b, np.float64) for b in collected["statistics"]])
     images = [
         {
             layer: np.frombuffer(row[layer], example[layer].dtype).reshape(-1, example[layer].shape[1])
@@ -154,7 +159,7 @@ def build_bank(spark, images: list[Path], config: SpadeConfig) -> SpadeDetector:
         }
         for _, row in collected.iterrows()
     ]
-    return detector.fit_bank(FeatureBank.from_images(pooled, images), holdout)
+    return detector.fit_bank(FeatureBank.from_images(pooled, images, statistics), holdout)
 
 
 _DETECTORS: dict[str, SpadeDetector] = {}

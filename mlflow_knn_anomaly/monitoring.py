@@ -1,0 +1,189 @@
+"""The `monitor` job: score a batch of recent production images, compare it with the model's normal
+images (`drift`), and log one MLflow run per batch in the experiment `<model name>-monitoring`.
+
+Successive runs of a model form its time series (the `step` of every metric counts the batches
+monitored before), which the MLflow UI charts. A batch that crosses a limit is tagged
+`monitor.alert=true`, `monitor.reason` says which figure crossed it, and `monitor.next_step`
+gives the command that folds the batch's confirmed-normal images into the model (`update_bank`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+
+from . import registry
+from .config import MonitorLimits
+from .datasets import IMAGE_SUFFIXES, LIST_SUFFIXES, read_image_list
+from .drift import drift_figures, reasons
+from .images import load_image
+from .line import LineDetector
+from .pyfunc_model import load_model
+from .spade import SpadeDetector
+
+_logger = logging.getLogger(__name__)
+BATCH_FILE = "batch.csv"
+STEP_TAG = "monitor.step"
+
+
+def read_batch(source: str, line: LineDetector | None) -> pd.DataFrame:
+    """The batch as rows (path, category): a folder of images (searched recursively) or an image
+    list (`datasets.read_image_list`). For a line model each image's category is its list's
+    `category` column, or in a folder the name of the image's parent folder."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        rows = [(p, p.parent.name if line is not None else None) for p in files]
+    elif path.suffix.lower() in LIST_SUFFIXES:
+        rows = read_image_list(path)
+    else:
+        raise FileNotFoundError(
+            f"source {path.resolve()} is neither a folder of images nor an image list {LIST_SUFFIXES}."
+        )
+    if not rows:
+        raise ValueError(f"{source} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    frame = pd.DataFrame(rows, columns=["path", "category"])
+    if line is None:
+        return frame.assign(category="")
+    missing = frame["category"].isna()
+    if missing.any():
+        raise ValueError(f"{source}: a line model needs each image's category (a 'category' column, or a folder "
+                         f"per category); {int(missing.sum())} images have none.")  # fmt: skip
+    for name in sorted(set(frame["category"]) - set(line.categories)):
+        raise ValueError(f"{source} names category {name!r}; the line model holds {list(line.categories)}.")
+    return frame
+
+
+def batch_figures(
+    detector: SpadeDetector, images: list, limits: MonitorLimits
+) -> tuple[dict[str, float], list[str], dict]:
+    """The figures of one category's batch, why it alerts (empty: it does not), and per-image results."""
+    start = time.perf_counter()
+    prediction = detector.predict(images, segment="auto")
+    statistics = detector.image_statistics(images)
+    reference = detector.normal_reference()
+    normalized = prediction.normalized_scores
+    figures = {
+        "n_images": float(len(images)),
+        "anomalous_share": float(np.mean(prediction.is_anomalous)),
+        "segmented_share": float(np.mean(prediction.segmented)),
+        **{f"normalized_score_p{q}": float(np.percentile(normalized, q)) for q in (50, 95, 99)},
+        **drift_figures(reference, prediction.knn_scores, statistics),
+        "seconds_per_image": (time.perf_counter() - start) / len(images),
+    }
+    results = {
+        "score": prediction.scores,
+        "normalized_score": normalized,
+        "is_anomalous": prediction.is_anomalous,
+    }
+    return figures, reasons(figures, len(images), limits), {"results": results, "reference": reference.statistics_of}
+
+
+def monitor(model_uri: str, source: str, limits: MonitorLimits | None = None, experiment: str | None = None) -> dict:
+    """Score `source` with the model and log the monitoring run; returns its figures and verdict.
+
+    Args:
+        model_uri: e.g. models:/NAME@champion.
+        source: a folder of images, or a .txt / .csv / .parquet image list (`read_batch`).
+        limits: when the batch alerts (`config.MonitorLimits`, its defaults when None).
+        experiment: the experiment to log to (default `<registered name>-monitoring`).
+    """
+    limits = limits or MonitorLimits()
+    ref = registry.model_ref(model_uri)
+    if experiment is None:
+        if not ref.versions:
+            raise ValueError(f"{model_uri} is not a registered model version: pass --experiment for its runs.")
+        experiment = f"{ref.versions[0].name}-monitoring"
+    model = load_model(model_uri)
+    line = model if isinstance(model, LineDetector) else None
+    frame = read_batch(source, line)
+    unreadable, groups = [], {}
+    for path, category in zip(frame["path"], frame["category"]):
+        try:
+            image = load_image(Path(path))
+        except (OSError, ValueError, TypeError) as exc:
+            unreadable.append(f"{path}: {exc}")
+            continue
+        groups.setdefault(category, ([], []))
+        groups[category][0].append(str(Path(path).resolve()))
+        groups[category][1].append(image)
+    if not groups:
+        raise ValueError(f"no image of {source} could be read:\n" + "\n".join(unreadable))
+    figures, why, rows, reference = {}, [], [], set()
+    for category, (paths, images) in sorted(groups.items()):
+        detector = line.detector(category) if line else model
+        found, category_why, extra = batch_figures(detector, images, limits)
+        prefix = f"{category}." if line else ""
+        figures.update({prefix + key: value for key, value in found.items()})
+        why += [f"[{category}] {reason}" if line else reason for reason in category_why]
+        rows.append(pd.DataFrame({"path": paths, "category": category, **extra["results"]}))
+        reference.add(extra["reference"])
+    batch = pd.concat(rows, ignore_index=True)
+    return _log_run(model_uri, ref, experiment, source, figures, why, batch, unreadable, limits, reference)
+
+
+def _log_run(model_uri, ref, experiment, source, figures, why, batch, unreadable, limits, reference) -> dict:
+    """One run in `experiment`, whatever run launched the job (`mlflow run` starts one elsewhere:
+    it is tagged with this run's id)."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run, in the experiment it was given
+    last = client.search_runs([experiment_id], filter_string=f"tags.`monitor.model_uri` = '{model_uri}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    step = int(last[0].data.tags.get(STEP_TAG, -1)) + 1 if last else 0
+    alert = bool(why)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name="monitor", nested=mlflow.active_run() is not None
+    ) as run:
+        mlflow.log_params(
+            {"model_uri": model_uri, "source": source, **{f"limit.{k}": v for k, v in vars(limits).items()}}
+        )
+        mlflow.log_metrics({f"monitor.{key}": value for key, value in figures.items()}, step=step)
+        tags = {
+            "monitor.model_uri": model_uri,
+            STEP_TAG: str(step),
+            "monitor.alert": "true" if alert else "false",
+            "monitor.reason": "; ".join(why) if why else "no limit crossed",
+            "monitor.reference": ",".join(sorted(reference)),
+            "monitor.unreadable_images": str(len(unreadable)),
+        }
+        if ref.versions:
+            tags["monitor.model_version"] = ref.versions[0].version
+        if alert:
+            tags["monitor.next_step"] = next_step(model_uri, run.info.run_id, batch)
+        mlflow.set_tags(tags)
+        with tempfile.TemporaryDirectory() as tmp:
+            batch.to_csv(Path(tmp) / BATCH_FILE, index=False)
+            mlflow.log_artifact(str(Path(tmp) / BATCH_FILE))
+        if unreadable:
+            mlflow.log_text("\n".join(unreadable), "unreadable_images.txt")
+        run_id = run.info.run_id
+    if launcher:
+        for key, value in {"monitor.run_id": run_id, "monitor.alert": tags["monitor.alert"]}.items():
+            client.set_tag(launcher, key, value)
+    return {"run_id": run_id, "experiment": experiment, "step": step, "alert": alert, "reason": tags["monitor.reason"],
+            "figures": figures}  # fmt: skip
+
+
+def next_step(model_uri: str, run_id: str, batch: pd.DataFrame) -> str:
+    """What to do when the batch alerts: review it, keep the images confirmed normal in its list,
+    and fold them into the model with `update_bank` (per category for a line model)."""
+    command = (
+        f"mlflow run . --env-manager local -e update_bank -P model_uri={model_uri} "
+        f"-P images=$(mlflow artifacts download -r {run_id} -a {BATCH_FILE})"
+    )
+    categories = sorted(c for c in set(batch["category"]) if c)
+    steps = [command] if not categories else [f"{command} -P category={c}" for c in categories]
+    return (
+        f"review the images of {BATCH_FILE} (this run's artifact): if normal has changed, delete the rows of real "
+        "defects and fold the rest into the model, evaluate the new version, then promote it: " + " ; ".join(steps)
+    )
