@@ -238,7 +238,7 @@ class Sandbox:
             self.stop_server()  # a printf writes the next request's file: the server stays up
         command = self.localize(step.text)
         if step.language == "python":
-            script = self.tmp / f"readme_{step.line}.py"
+            script = self.tmp / f"{step.page}_{step.line}.py"
             script.write_text(command)
             args = [sys.executable, str(script)]
         else:
