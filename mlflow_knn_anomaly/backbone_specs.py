@@ -47,7 +47,7 @@ def _lite(version: int, chs: tuple[int, ...]) -> BackboneSpec:
         arch=f"tf_efficientnet_lite{version}",
         layers=tuple(LayerSpec(n, c, s) for n, c, s in zip(names, chs, strides)),
         # Strides 4-32: the stride-32 layer gives large, low-contrast defects their context
-        # (measured on both shared datasets, benchmarks/README.md).
+        # (measured on both shared datasets, docs/results/accuracy.md).
         default_layers=("blocks.1", "blocks.2", "blocks.4", "blocks.6"),
         pooled_layer="bn2",
         pooled_dim=1280,

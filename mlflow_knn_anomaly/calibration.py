@@ -124,7 +124,7 @@ def recall_gate(normal: np.ndarray, synthetic: np.ndarray, recall: float) -> dic
 # The families' sizes below are CutPaste's and DRAEM's; the gate uses them at a quarter of that
 # (a cut-paste of 0.1-0.9 % of the image, a blob of 1.5-6 % of the side across, a scratch of
 # 4-11 % of the side): large defects pass any gate, the small ones that stage 1 barely sees are
-# those it must not drop. Measured on the five shared sets in benchmarks/README.md.
+# those it must not drop. Measured on the five shared sets: benchmarks/studies/gate_calibration.md.
 DEFECT_SCALE = 0.25
 
 

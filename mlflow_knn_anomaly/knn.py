@@ -16,7 +16,7 @@ from .config import IMAGE_INDEXES
 
 # Query rows per GEMM block. 128 rows ran fastest (or within noise of it) at every layer of the
 # Lite0 and WideResNet-50-2 pyramids on 1 and 2 threads (galleries of 12k-20k rows, 24-1024
-# channels; benchmarks/README.md, "Stage 2 on the CPU"): thinner blocks starve the GEMM, taller
+# channels; docs/results/speed.md, "Stage 2 on the CPU"): thinner blocks starve the GEMM, taller
 # ones spill the distance block out of cache.
 QUERY_ROWS = 128
 

@@ -48,7 +48,8 @@ def min_area_pixels(min_region_area: float, height: int, width: int) -> int:
 
     Args:
         min_region_area: >= 1: pixels (rounded); in [0, 1): a share of the image's height * width.
-        height, width: the image size in pixels.
+        height: the image's height in pixels.
+        width: the image's width in pixels.
     """
     if not isinstance(min_region_area, numbers.Real) or not math.isfinite(min_region_area) or min_region_area < 0:
         expected = "a finite number >= 0 (pixels when >= 1, a share of the image's area below 1)"
@@ -174,7 +175,8 @@ def region_counts(pred_mask: np.ndarray, gt_mask: np.ndarray, min_coverage: floa
     IoU >= 0.5 implies coverage >= 0.5, so the IoU rule only adds findings when min_coverage > 0.5.
 
     Args:
-        pred_mask, gt_mask: (H, W) bool masks (the mask `find_regions` returns, and the truth).
+        pred_mask: (H, W) bool, the predicted mask (the one `find_regions` returns).
+        gt_mask: (H, W) bool, the ground-truth mask.
         min_coverage: share of a ground-truth region's pixels that must be predicted, in (0, 1].
     """
     _check_coverage(min_coverage)

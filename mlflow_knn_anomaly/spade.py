@@ -353,7 +353,8 @@ class SpadeDetector:
         Args:
             images: paths, encoded bytes, PIL images or uint8 arrays.
             segment: "auto" (stage 2 only for images past the stage-1 gate), "all" or "none".
-            image_threshold, pixel_threshold: override the config's or the calibrated thresholds.
+            image_threshold: overrides the config's or the calibrated image threshold.
+            pixel_threshold: overrides the config's or the calibrated pixel threshold.
             progress: a progress bar on a terminal.
             min_region_area: overrides the config's (see `SpadeConfig.min_region_area`).
         """

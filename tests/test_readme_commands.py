@@ -1,10 +1,14 @@
-"""Every command of README.md's code blocks, run as written, in order, on the shared data.
+"""Every command of the code blocks of README.md and of the docs pages, run as written, in order,
+on the shared data.
 
-The blocks are read when the tests are collected, so this file follows the README and cannot
-drift from it. A README placeholder for the user's data (`/data/...`, `part.png`) is replaced
-with shared data (`DATA`, `FILES`); a README `/data/...` folder missing from `DATA` fails. The
-commands share one shell-like sandbox (a copy of the project, one sqlite tracking store), as a
-user's session would; a command that cannot run here is skipped with the reason.
+The README comes first, then the pages in the order of mkdocs.yml's `nav` (a page's snippet
+includes, `--8<-- "path"`, in place). The blocks are read when the tests are collected, so this
+file follows the pages and cannot drift from them. A placeholder for the user's data (`/data/...`,
+`part.png`) is replaced with shared data (`DATA`, `FILES`); a `/data/...` folder missing from
+`DATA` fails. The commands share one shell-like sandbox (a copy of the project, one sqlite tracking
+store), as a user's session would; a command that cannot run here is skipped with the reason, and
+one whose text already ran in the sandbox (a page repeating the README) is skipped with the place
+where it ran.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import requests
+import yaml
 from mlflow import MlflowClient
 
 from mlflow_knn_anomaly import registry
@@ -33,10 +38,12 @@ from .conftest import free_port, mlflow_store, shared_dataset
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+MKDOCS = ROOT / "mkdocs.yml"
+SNIPPET = re.compile(r'^--8<-- "([^"]+)"[ \t]*$', flags=re.M)  # pymdownx.snippets, from the repository root
 NEW_NORMAL = "new normal images"  # built by the sandbox: see `_new_normal_images`
 PLANT = "a line root"  # built by the sandbox: see `_plant`
 PLANT_IMAGES = "images of two part types"
-DATA = {  # README folder -> shared data set (under ../shared/data)
+DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/mvtec/bottle": "mvtec_bottle",
     "/data/tiles": "magnetic_tile",
     "/data/images": "mvtec_bottle/test/broken_large",
@@ -53,7 +60,10 @@ SKIPS = (  # (pattern of a command, why it does not run here)
     (r"^(python3 -m venv|\. \.venv/bin/activate|pip install)", "an install: these tests run in the environment "
      ".ci/run installs with the README's command"),
     (r"^pytest\b", "the test suite itself (.ci/run runs it): this file is part of it"),
-    (r"^python benchmarks/", "a benchmark of several minutes on 2 cores; benchmarks/README.md gives its figures"),
+    (r"^(\w+=\S+ )*python benchmarks/", "a benchmark of minutes on 2 cores; the results pages give its figures"),
+    (r"^python -c .*'/tmp/bottle-model'", "a benchmark's set-up (the model the load tests serve, fitted into /tmp)"),
+    (r"^(deploy/services\.sh|\. \S*client\.env)", "the team's services (PostgreSQL, an S3 emulator, the MLflow "
+     "server, Spark): tests/test_production_shape.py starts them and runs the lifecycle against them"),
 )  # fmt: skip
 SLOW = (  # run only with MLFLOW_KNN_ANOMALY_README_ALL=1: beyond this file's budget of ~6 minutes
     (r"data=/data/tiles", "Magnetic Tile (700 + 640 images) with Lite2 takes minutes on 2 cores"),
@@ -62,29 +72,79 @@ SLOW = (  # run only with MLFLOW_KNN_ANOMALY_README_ALL=1: beyond this file's bu
 
 @dataclass(frozen=True)
 class Step:
-    """One command of a ```bash block (one `&&` part of a line), or one ```python block."""
+    """One command of a ```bash block (one `&&` part of a line), or one ```python block, of a page."""
 
     line: int
     language: str
     text: str
+    page: str = "README"  # the page's path without ".md", "/" as "-": README, mlflow, results-accuracy
 
     @property
     def id(self) -> str:
         words = self.text.split("\n")[0].replace(" --env-manager local", "").split()
-        return f"L{self.line}-{'_'.join(words)}"[:70]
+        return f"{self.page}-L{self.line}-{'_'.join(words)}"[:90]
+
+    @property
+    def where(self) -> str:
+        return f"{self.page} line {self.line}"
 
 
-def readme_steps(text: str) -> list[Step]:
-    """The README's commands in order: bash lines joined at `\\`, comments dropped, split at `&&`."""
+def readme_steps(text: str, page: str = "README", first_line: int = 1) -> list[Step]:
+    """A page's commands in order: bash lines joined at `\\`, comments dropped, split at `&&`."""
     steps = []
     for block in re.finditer(r"^```(bash|python)\n(.*?)^```", text, flags=re.M | re.S):
-        first = text.count("\n", 0, block.start(2)) + 1
+        first = first_line + text.count("\n", 0, block.start(2))
         if block.group(1) == "python":
-            steps.append(Step(first, "python", block.group(2)))
+            steps.append(Step(first, "python", block.group(2), page))
             continue
         for offset, command in _bash_lines(block.group(2)):
-            steps += [Step(first + offset, "bash", part) for part in _split_and(command)]
+            steps += [Step(first + offset, "bash", part, page) for part in _split_and(command)]
     return steps
+
+
+def page_steps(path: Path) -> list[Step]:
+    """`readme_steps` of a page, with the pages it includes (`--8<-- "path"`) in place."""
+    text, steps, start = path.read_text(), [], 0
+    for include in SNIPPET.finditer(text):
+        steps += readme_steps(text[start : include.start()], _page_name(path), 1 + text.count("\n", 0, start))
+        steps += page_steps(ROOT / include.group(1))
+        start = include.end()
+    return steps + readme_steps(text[start:], _page_name(path), 1 + text.count("\n", 0, start))
+
+
+def page_text(path: Path) -> str:
+    """A page's text with its includes in place."""
+    return SNIPPET.sub(lambda include: page_text(ROOT / include.group(1)), path.read_text())
+
+
+def _page_name(path: Path) -> str:
+    relative = path.relative_to(ROOT)
+    relative = relative.relative_to("docs") if relative.parts[0] == "docs" else relative
+    return relative.with_suffix("").as_posix().replace("/", "-")
+
+
+def docs_pages() -> list[Path]:
+    """The docs pages in the order of mkdocs.yml's `nav`."""
+
+    class Loader(yaml.SafeLoader):  # mkdocs.yml's own tags (`!relative`, ...) are not needed here
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda loader, suffix, node: None)
+
+    def pages(entries) -> list[str]:
+        found = []
+        for entry in entries:
+            for value in entry.values() if isinstance(entry, dict) else [entry]:
+                found += pages(value) if isinstance(value, list) else [value]
+        return found
+
+    nav = yaml.load(MKDOCS.read_text(), Loader=Loader)["nav"]
+    return [ROOT / "docs" / page for page in pages(nav) if not re.match(r"\w+://", page)]
+
+
+def _repeat_key(text: str) -> str:
+    return " ".join(text.split())  # the same command, whatever the line breaks and indentation
 
 
 def _bash_lines(block: str) -> list[tuple[int, str]]:
@@ -128,7 +188,8 @@ def _split_and(command: str) -> list[str]:
     return [*parts, command[start:].strip()]
 
 
-STEPS = readme_steps(README.read_text())
+PAGES = [README, *docs_pages()]
+STEPS = [step for page in PAGES for step in page_steps(page)]
 
 
 class Sandbox:
@@ -149,7 +210,9 @@ class Sandbox:
         self.plant, self.plant_images = _plant(self.data, tmp / "plant"), _plant_images(self.data, tmp / "plant-images")
         self.port = free_port()
         self.server: subprocess.Popen | None = None
+        self.server_step: Step | None = None
         self.server_log = tmp / "server.log"
+        self.ran: dict[str, Step] = {}  # command text -> the step where it ran in this sandbox
 
     def localize(self, text: str) -> str:
         """The command with shared data for the README's placeholders."""
@@ -175,16 +238,28 @@ class Sandbox:
             self.stop_server()  # a printf writes the next request's file: the server stays up
         command = self.localize(step.text)
         if step.language == "python":
-            script = self.tmp / f"readme_{step.line}.py"
+            script = self.tmp / f"{step.page}_{step.line}.py"
             script.write_text(command)
             args = [sys.executable, str(script)]
         else:
             args = ["bash", "-c", command]
         if command.startswith("mlflow models serve"):
-            return self.start_server(args)
-        done = subprocess.run(args, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+            done = self.start_server(args)
+            self.server_step = step
+        else:
+            done = subprocess.run(args, cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        self.ran.setdefault(_repeat_key(step.text), step)
         return done
+
+    def repeat_of(self, step: Step) -> Step | None:
+        """The step where this command already ran in the sandbox, if its effect still holds: a
+        server start repeats only while the server it started is up (otherwise it starts again)."""
+        earlier = self.ran.get(_repeat_key(step.text))
+        if earlier is not None and step.text.startswith("mlflow models serve"):
+            up = self.server is not None and self.server.poll() is None and self.server_step is not None
+            return earlier if up and _repeat_key(self.server_step.text) == _repeat_key(step.text) else None
+        return earlier
 
     def start_server(self, args: list[str]) -> subprocess.CompletedProcess:
         with self.server_log.open("w") as log:
@@ -202,7 +277,7 @@ class Sandbox:
         if self.server is not None:
             self.server.send_signal(signal.SIGTERM)
             self.server.wait(timeout=60)
-            self.server = None
+            self.server, self.server_step = None, None
 
     def champion(self, name: str = "bottle") -> str:
         return str(self.client.get_model_version_by_alias(name, "champion").version)
@@ -312,21 +387,25 @@ def test_readme_command_runs_as_written(sandbox, step):
     reason = _skip_reason(step)
     if reason:
         pytest.skip(reason)
+    earlier = sandbox.repeat_of(step)
+    if earlier is not None:
+        pytest.skip(f"the same command ran at {earlier.where} in this sandbox")
     _check(sandbox, step, sandbox.run(step))
 
 
 def test_the_readme_has_commands_for_every_entry_point():
+    """The README and the docs pages together run every entry point and name every URI form."""
     commands = " ".join(s.text for s in STEPS)
     for entry_point in ("build_bank", "update_bank", "evaluate", "promote", "rollback", "score", "add_category",
                         "remove_category"):  # fmt: skip
         assert f"-e {entry_point}" in commands, entry_point
     assert "model_uri=models:/bottle/2" in commands
-    text = README.read_text()  # the other forms, tests/test_registry.py resolves each
+    text = " ".join(page_text(page) for page in PAGES)  # the other forms, tests/test_registry.py resolves each
     for uri in ("models:/bottle@champion", "models:/m-<id>"):
         assert f"`{uri}`" in text, uri
     assert re.search(r"mlflow models serve .* -w 2", commands)
 
 
 def test_every_readme_data_folder_maps_to_a_shared_data_set():
-    used = set(DATA_FOLDER.findall(README.read_text()))
+    used = set(DATA_FOLDER.findall(" ".join(page_text(page) for page in PAGES)))
     assert used <= set(DATA), used - set(DATA)

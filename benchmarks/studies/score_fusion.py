@@ -1,7 +1,7 @@
 """Image-score fusions of the two stages, from per-image scores dumped by accuracy.py --dump.
 
     python benchmarks/accuracy.py --threads 2 --variants default --dump /tmp/scores
-    python benchmarks/score_fusion.py /tmp/scores
+    python benchmarks/studies/score_fusion.py /tmp/scores
 
 Scores are z-scores of the held-out normal images (stage 1: knn, stage 2: map). An image past the
 gate is scored by the fusion; the others by their stage-1 z-score (as the product does).

@@ -2,7 +2,7 @@
 real test anomalies (per-image scores dumped by accuracy.py --dump; no stage 2 is recomputed).
 
     python benchmarks/accuracy.py --threads 1 --variants default --dump /tmp/scores
-    python benchmarks/gate_calibration.py --dump /tmp/scores mvtec_transistor elpv
+    python benchmarks/studies/gate_calibration.py --dump /tmp/scores mvtec_transistor elpv
 
 For each set: the bank and its held-out images are rebuilt as `fit` does, the synthetic anomalies
 are made at each size scale, and the gate at each recall is applied to the dumped test scores.
@@ -24,7 +24,7 @@ from mlflow_knn_anomaly.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
 from mlflow_knn_anomaly.spade import split_holdout
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def main() -> None:

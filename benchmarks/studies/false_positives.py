@@ -1,6 +1,6 @@
 """Where the false positives behind AUPRO come from, on an MVTec-layout folder.
 
-    python benchmarks/false_positives.py --threads 2 --data ../shared/data/magnetic_tile
+    python benchmarks/studies/false_positives.py --threads 2 --data ../shared/data/magnetic_tile
 
 AUPRO@0.3 integrates the per-region overlap up to a false-positive rate of 0.3 over the normal
 pixels of every test image. This fits the default detector, takes the map threshold where that

@@ -1,7 +1,7 @@
 """The map-based image score swept over `score_top` x `map_weight` on the five sets, one fit each.
 
-    python benchmarks/map_score.py --threads 2          # ~7 min on 2 cores
-    python benchmarks/map_score.py --threads 2 --tops 0 0.005 --weights 2 5
+    python benchmarks/studies/map_score.py --threads 2          # ~7 min on 2 cores
+    python benchmarks/studies/map_score.py --threads 2 --tops 0 0.005 --weights 2 5
 
 Fits the default detector once per set and keeps every held-out and test image's anomaly map on
 its network input (`segment="all"`). Each (top, weight) pair then re-scores them as `predict`
@@ -27,7 +27,7 @@ from mlflow_knn_anomaly.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
 from mlflow_knn_anomaly.spade import fuse_scores
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")
 
 

@@ -1,13 +1,13 @@
 """Could the input size be chosen per dataset at fit time, from synthetic anomalies? A study.
 
-    python benchmarks/resize_from_synthetic.py --threads 2    # the five shared sets, ~13 min
+    python benchmarks/studies/resize_from_synthetic.py --threads 2    # the five shared sets, ~13 min
 
 For each set and each `resize`, fits the detector (defaults otherwise), makes the product's
 synthetic anomalies from its held-out normal images (`calibration.synthetic_anomalies`: cut-paste,
 blob, scratch) and segments the normals and the anomalies (segment="all"). The ground truth of an
 anomaly is the set of pixels the synthesis changed. Prints, per set and size, the synthetic image
 ROCAUC (the product's score), pixel ROCAUC and AUPRO@0.3: the size a `resize="auto"` would pick.
-Compare with the real test sets at 256 and 384 (benchmarks/README.md).
+Compare with the real test sets at 256 and 384 (benchmarks/studies/resize_from_synthetic.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mlflow_knn_anomaly.datasets import read_train
 from mlflow_knn_anomaly.images import to_rgb
 from mlflow_knn_anomaly.runtime import configure_threads
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")
 
 

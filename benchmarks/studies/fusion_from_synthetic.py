@@ -1,13 +1,13 @@
 """Could `score_fusion` be chosen per dataset at fit time, from synthetic anomalies? A study.
 
-    python benchmarks/fusion_from_synthetic.py --threads 2    # the five shared sets, ~6 min
+    python benchmarks/studies/fusion_from_synthetic.py --threads 2    # the five shared sets, ~6 min
 
 Fits the default detector on each set, then scores its held-out normal images and anomalies made
 from them by both stages (segment="all"): the product's synthetic families at the gate's size and
 at CutPaste's (x1), and two global changes (the image flipped upside down, rotated by 90 degrees).
 Prints, per family, the ROCAUC of each fusion between the held-out normals and those anomalies:
 the fusion an "auto" setting would pick. Compare with the real test sets' choice
-(`score_fusion.py`, benchmarks/README.md).
+(`score_fusion.py`, benchmarks/studies/score_fusion.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mlflow_knn_anomaly.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
 from mlflow_knn_anomaly.spade import fuse_scores
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")
 FUSIONS = ("map", "mean", "max")
 
