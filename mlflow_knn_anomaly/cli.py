@@ -250,6 +250,37 @@ def rollback_command(model_name: str) -> None:
     click.echo(json.dumps(dataclasses.asdict(registry.rollback(model_name))))
 
 
+@cli.command("tune")
+@click.option("--data", required=True, help="MVTec-layout folder with real defects in test/ (a root: per category)")
+@click.option("--model-name", default="spade-anomaly", show_default=True)
+@click.option("--validation-fraction", type=float, default=0.3, show_default=True,
+              help="seeded share of each defect type and of good that chooses; the rest proves")  # fmt: skip
+@click.option(
+    "--validation", default="", help="or a folder whose test/ is the validation split (all of data's test/ proves)"
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n-bootstrap", type=int, default=200, show_default=True, help="resamples of the validation images")
+@click.option("--required-win-rate", type=float, default=0.9, show_default=True,
+              help="share of resamples a candidate must win to replace the default")  # fmt: skip
+@click.option("--min-images", type=int, default=5, show_default=True,
+              help="fewer validation defects or normal images keep the default")  # fmt: skip
+@_config_options
+def tune_command(
+    data: str, model_name: str, validation_fraction: float, validation: str, seed: int, n_bootstrap: int,
+    required_win_rate: float, min_images: int, **options,
+) -> None:  # fmt: skip
+    """Choose settings on a validation split of the real defects, register the choice, evaluate it on the rest."""
+    config = _config(options)
+    configure_threads()
+    from . import tune_job
+
+    result = tune_job.tune(
+        data, model_name, config, validation_fraction, validation or None, seed, n_bootstrap, required_win_rate,
+        min_images,
+    )  # fmt: skip
+    click.echo(json.dumps(result))
+
+
 @cli.command("main")
 @click.option("--data", default=SYNTHETIC, show_default=True, help=DATA_HELP)
 @click.option("--model-name", default="spade-anomaly", show_default=True)

@@ -77,7 +77,7 @@ def tune(
                 tuning.explicit_split(folder, explicit)
                 if explicit
                 else tuning.split_test(folder, validation_fraction, seed)
-            )  # noqa: E501
+            )
             outcomes[name] = _tune_category(name if line else None, folder, split, config, n_bootstrap,
                                             required_win_rate, min_images, seed)  # fmt: skip
         mlflow.log_metric("tune_seconds", time.perf_counter() - start)
@@ -88,9 +88,8 @@ def tune(
             version = line_jobs._register(model, model_name, {line_jobs.CHANGE_TAG: "tuned"})
         else:
             version = str(jobs.log_and_register(model, model_name, category=root.name).registered_model_version)
-        test_root = _test_split_folder(
-            Path(tmp) / "test-split", folders, {n: o["split"] for n, o in outcomes.items()}, line
-        )  # noqa: E501
+        splits = {n: o["split"] for n, o in outcomes.items()}
+        test_root = _test_split_folder(Path(tmp) / "test-split", list(folders), splits, line)
         tuned = jobs.evaluate(f"models:/{model_name}/{version}", str(test_root))  # the first read of a test image
         result = {"run_id": run.info.run_id, "version": version, "choices": {}, "test": {}}
         client = MlflowClient()
@@ -127,7 +126,7 @@ def _tune_category(category, folder, split, config, n_bootstrap, required_win_ra
     images = jobs.readable_train_images(folder, skip_bad=False, category=category)
     built: dict[tuple, tuple[SpadeDetector, object, float]] = {}
     scored = []
-    for settings in tuning.candidates():
+    for settings in tuning.candidates({name: getattr(config, name) for name in tuning.GRID}):
         candidate_config = config.replace(**settings)
         key = tuning.feature_key(settings)
         if key not in built:
@@ -202,6 +201,7 @@ def _test_split_folder(target: Path, names: list[str], splits: dict[str, tuning.
     """An MVTec-layout folder (a root for a line) of links to the test split's images and masks."""
     for name in names:
         base = target / name
+        (base / "train" / "good").mkdir(parents=True)  # empty: it only marks an MVTec-layout folder
         for sample in splits[name].test:
             _link(sample.path, base / "test" / sample.defect_type / sample.path.name)
             if sample.mask_path is not None:

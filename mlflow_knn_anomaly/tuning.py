@@ -73,10 +73,13 @@ def explicit_split(root: str | Path, validation_root: str | Path) -> Split:
     return Split(read_test(validation_root), read_test(root))
 
 
-def candidates(grid: dict[str, tuple] = GRID) -> list[dict]:
-    """Every combination of `grid`, the first (the defaults) first."""
+def candidates(base: dict | None = None, grid: dict[str, tuple] | None = None) -> list[dict]:
+    """Every combination of `grid` (default `GRID`), the default settings `base` first (each
+    setting's grid values with `base`'s value put first: the first candidate is the default)."""
     out = [{}]
-    for name, values in grid.items():
+    for name, values in (GRID if grid is None else grid).items():
+        if base is not None and name in base:
+            values = (base[name], *(v for v in values if v != base[name]))
         out = [{**c, name: v} for c in out for v in values]
     return out
 

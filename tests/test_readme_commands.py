@@ -29,6 +29,7 @@ import pytest
 import requests
 import yaml
 from mlflow import MlflowClient
+from PIL import Image, ImageEnhance
 
 from mlflow_knn_anomaly import registry
 from mlflow_knn_anomaly.runtime import THREADS_ENV
@@ -43,6 +44,8 @@ SNIPPET = re.compile(r'^--8<-- "([^"]+)"[ \t]*$', flags=re.M)  # pymdownx.snippe
 NEW_NORMAL = "new normal images"  # built by the sandbox: see `_new_normal_images`
 PLANT = "a line root"  # built by the sandbox: see `_plant`
 PLANT_IMAGES = "images of two part types"
+LINE_TODAY = "a batch of today's images"  # built by the sandbox: see `_line_today`
+FALSE_ALARMS = "the images operators confirmed normal"
 DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/mvtec/bottle": "mvtec_bottle",
     "/data/tiles": "magnetic_tile",
@@ -51,6 +54,8 @@ DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/plant": PLANT,
     "/data/plant/transistor": PLANT,
     "/data/plant-images": PLANT_IMAGES,
+    "/data/line/today": LINE_TODAY,
+    "/data/line/false_alarms.csv": FALSE_ALARMS,
 }
 PLANT_PARTS = {"bottle": "mvtec_bottle", "metal_plate": "mpdd_metal_plate", "transistor": "mvtec_transistor"}
 FILES = {"part.png": "mvtec_bottle/test/broken_large/000.png"}
@@ -208,6 +213,7 @@ class Sandbox:
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env['PATH']}"
         self.new_normal = _new_normal_images(self.data / "mvtec_bottle", tmp / "bottle-new")
         self.plant, self.plant_images = _plant(self.data, tmp / "plant"), _plant_images(self.data, tmp / "plant-images")
+        self.line_today, self.false_alarms = _line_today(self.data / "mvtec_bottle", tmp / "line")
         self.port = free_port()
         self.server: subprocess.Popen | None = None
         self.server_step: Step | None = None
@@ -220,7 +226,8 @@ class Sandbox:
         def folder(match: re.Match) -> str:
             name = match.group(0)
             assert name in DATA, f"README uses {name}: map it to a shared data set in DATA"
-            built = {NEW_NORMAL: self.new_normal, PLANT: self.plant, PLANT_IMAGES: self.plant_images}
+            built = {NEW_NORMAL: self.new_normal, PLANT: self.plant, PLANT_IMAGES: self.plant_images,
+                     LINE_TODAY: self.line_today, FALSE_ALARMS: self.false_alarms}  # fmt: skip
             if DATA[name] == PLANT:
                 return str(self.plant / name.removeprefix("/data/plant").lstrip("/"))
             return str(built[DATA[name]] if DATA[name] in built else self.data / DATA[name])
@@ -280,7 +287,18 @@ class Sandbox:
             self.server, self.server_step = None, None
 
     def champion(self, name: str = "bottle") -> str:
-        return str(self.client.get_model_version_by_alias(name, "champion").version)
+        return self.alias("champion", name)
+
+    def alias(self, alias: str, name: str = "bottle") -> str:
+        return str(self.client.get_model_version_by_alias(name, alias).version)
+
+    def aliases(self) -> dict[str, str]:
+        """{"bottle": its champion, "bottle.previous": ...} of the models registered so far."""
+        found = {}
+        for model in self.client.search_registered_models():
+            for alias, version in (model.aliases or {}).items():
+                found[model.name if alias == "champion" else f"{model.name}.{alias}"] = str(version)
+        return found
 
     def newest(self, name: str):
         return max(self.client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
@@ -309,6 +327,18 @@ def _new_normal_images(bottle: Path, root: Path, count: int = 20) -> Path:
     return root
 
 
+def _line_today(bottle: Path, root: Path, count: int = 10) -> tuple[Path, Path]:
+    """Today's images after a lamp was changed (bottle's normal test images 30 % brighter), and
+    the list of those the operators confirmed normal (the first half)."""
+    today = root / "today"
+    today.mkdir(parents=True)
+    for path in sorted((bottle / "test" / "good").glob("*.png"))[:count]:
+        ImageEnhance.Brightness(Image.open(path).convert("RGB")).enhance(1.3).save(today / path.name)
+    listing = root / "false_alarms.csv"
+    pd.DataFrame({"path": [str(p) for p in sorted(today.iterdir())[: count // 2]]}).to_csv(listing, index=False)
+    return today, listing
+
+
 def _plant(data: Path, root: Path) -> Path:
     """A line root: one folder per part type, linked to the shared sets (`PLANT_PARTS`)."""
     root.mkdir()
@@ -335,16 +365,27 @@ def sandbox(tmp_path_factory):
         box.stop_server()
 
 
-def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess) -> None:
+def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess, before: dict[str, str]) -> None:
     """What the README says the command does, beyond its exit status."""
     text = step.text
     name = "line" if re.search(r"models:/line\b|model_name=line\b", text) else "bottle"
     if "-e promote" in text:
-        assert sandbox.champion(name) == "2"
+        decision = json.loads(done.stdout.strip().splitlines()[-1])
+        candidate = re.search(r"candidate=(\d+)", text).group(1)
+        assert (sandbox.champion(name) == candidate) == decision["promoted"], decision
+        assert decision["promoted"] or decision["reason"]
     elif "-e rollback" in text:
-        assert sandbox.champion() == "1"
+        assert sandbox.champion() == before["bottle.previous"] and sandbox.alias("previous") == before["bottle"]
     elif "-e update_bank" in text:
-        assert sandbox.newest(name).tags["parent.version"] == sandbox.champion(name)
+        tags = sandbox.newest(name).tags
+        assert tags["parent.version"] == sandbox.champion(name)
+        assert "-P images=" not in text or tags["feedback.images"] == "5"
+    elif "-e monitor" in text:
+        (run,) = sandbox.client.search_runs(
+            [sandbox.client.get_experiment_by_name(f"{name}-monitoring").experiment_id], max_results=1
+        )
+        assert run.data.tags["monitor.alert"] == "true" and "brightness drift" in run.data.tags["monitor.reason"]
+        assert "-e update_bank" in run.data.tags["monitor.next_step"]
     elif "-e add_category" in text or "-e remove_category" in text:
         tags = sandbox.newest("line").tags
         assert tags["line.change"].startswith(("added", "removed")) and tags["line.unchanged"]
@@ -390,14 +431,15 @@ def test_readme_command_runs_as_written(sandbox, step):
     earlier = sandbox.repeat_of(step)
     if earlier is not None:
         pytest.skip(f"the same command ran at {earlier.where} in this sandbox")
-    _check(sandbox, step, sandbox.run(step))
+    before = sandbox.aliases()
+    _check(sandbox, step, sandbox.run(step), before)
 
 
 def test_the_readme_has_commands_for_every_entry_point():
     """The README and the docs pages together run every entry point and name every URI form."""
     commands = " ".join(s.text for s in STEPS)
     for entry_point in ("build_bank", "update_bank", "evaluate", "promote", "rollback", "score", "add_category",
-                        "remove_category"):  # fmt: skip
+                        "remove_category", "monitor"):  # fmt: skip
         assert f"-e {entry_point}" in commands, entry_point
     assert "model_uri=models:/bottle/2" in commands
     text = " ".join(page_text(page) for page in PAGES)  # the other forms, tests/test_registry.py resolves each
