@@ -21,14 +21,13 @@ from pathlib import Path
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
-from sklearn.metrics import roc_auc_score
 
 from . import jobs, tuning
 from .config import SpadeConfig
 from .datasets import TestSample, find_categories, is_mvtec_folder, read_mask
 from .evaluation import LabelledImage, evaluate_samples
 from .line import LineDetector
-from .spade import SpadeDetector, fuse_scores
+from .spade import SpadeDetector
 
 _logger = logging.getLogger(__name__)
 TEST_FIGURES = ("image_auroc", "pixel_auroc", "aupro")
@@ -120,34 +119,30 @@ def tune(
 def _tune_category(category, folder, split, config, n_bootstrap, required_win_rate, min_images, seed) -> dict:
     """Score every candidate on the validation split (child runs) and choose; returns the chosen
     model fitted on the whole train/good, the default's, the split and the choice."""
-    samples = [_labelled(s) for s in split.validation]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = None  # the ground truth at the maps' sizes, resized for the bootstrap
     images = jobs.readable_train_images(folder, skip_bad=False, category=category)
-    built: dict[tuple, tuple[SpadeDetector, object, float]] = {}
+    counts = split.counts()
+    both = counts["validation_defects"] > 0 and counts["validation_normal"] > 0
+    built: dict[tuple, tuple[SpadeDetector, tuning.Outputs | None, float]] = {}
     scored = []
     for settings in tuning.candidates({name: getattr(config, name) for name in tuning.GRID}):
-        candidate_config = config.replace(**settings)
         key = tuning.feature_key(settings)
         if key not in built:
             start = time.perf_counter()
-            detector = SpadeDetector(candidate_config).fit(images)
+            detector = SpadeDetector(config.replace(**settings)).fit(images)
             seconds = time.perf_counter() - start
-            built[key] = (detector, evaluate_samples(detector, samples, per_type_pixels=False), seconds)
-        detector, evaluation, seconds = built[key]
-        if masks is None and evaluation.gt_masks is not None:
-            masks = tuning.small_masks(evaluation.gt_masks)
-        scores = _scores(detector, evaluation, candidate_config) if labels.any() and (~labels).any() else None
-        figures = {} if scores is None else {"image_auroc": float(roc_auc_score(labels, scores))}
-        for metric in ("pixel_auroc", "aupro"):
-            if metric in evaluation.metrics:
-                figures[metric] = float(evaluation.metrics[metric])
-        maps = tuning.small(evaluation.anomaly_maps) if evaluation.gt_masks is not None else None
-        scored.append(tuning.Scored(settings, figures, scores, maps, seconds))
-    counts = split.counts()
+            built[key] = (detector, tuning.validate(detector, split.validation) if both else None, seconds)
+        detector, outputs, seconds = built[key]
+        if outputs is None:  # no defect (or no normal image) to validate on: nothing to compare
+            scored.append(tuning.Scored(settings, {}, np.zeros(0), None, seconds))
+            continue
+        scores = tuning.image_scores(detector, outputs, settings["score_fusion"])
+        small = None if outputs.maps is None else tuning.small(outputs.maps)
+        scored.append(tuning.Scored(settings, tuning.validation_figures(outputs, scores), scores, small, seconds))
     if counts["validation_defects"] >= min_images and counts["validation_normal"] >= min_images:
+        outputs = built[tuning.feature_key(scored[0].settings)][1]
+        masks = None if outputs.masks is None else tuning.small_masks(outputs.masks)
         for candidate in scored[1:]:
-            candidate.win_rate = tuning.win_rate(labels, scored[0], candidate, masks, n_bootstrap, seed)
+            candidate.win_rate = tuning.win_rate(outputs.labels, scored[0], candidate, masks, n_bootstrap, seed)
     choice = tuning.choose(scored, required_win_rate, counts, min_images)
     for i, candidate in enumerate(scored):
         _log_candidate(category, i, candidate, choice)
@@ -160,16 +155,6 @@ def _tune_category(category, folder, split, config, n_bootstrap, required_win_ra
         chosen_detector = refit.fit_bank(chosen_detector.bank, chosen_detector.holdout)
     return {"model": chosen_detector, "default": default_detector, "split": split, "choice": choice,
             "is_default": choice.settings == scored[0].settings}  # fmt: skip
-
-
-def _scores(detector: SpadeDetector, evaluation, config: SpadeConfig) -> np.ndarray:
-    """The image scores `config`'s score fusion reports, read off the evaluation's two stages."""
-    calibration = detector.calibration
-    gate = evaluation.knn_scores >= calibration.gate_threshold
-    stats = calibration.to_dict()
-    return fuse_scores(
-        evaluation.knn_scores, evaluation.map_scores, gate, stats, config.score_fusion, config.map_weight
-    )
 
 
 def _log_candidate(category: str | None, index: int, candidate: tuning.Scored, choice: tuning.Choice) -> None:

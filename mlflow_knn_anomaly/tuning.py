@@ -19,15 +19,17 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from .datasets import NORMAL, TestSample, read_test
-from .metrics import aupro, resize_map, resize_mask
+from .datasets import NORMAL, TestSample, read_mask, read_test
+from .metrics import aupro, pixel_auroc, resize_map, resize_mask
+from .spade import SpadeDetector, fuse_scores
 
 # The settings the benchmarks show to matter (docs: results), and no more. `resize` 320 and
 # `k_images`/`sigma` were left out: no shared set moved with them by more than the noise, and each
 # would double the builds. Feature settings (resize, feature_pool) need a build each; score_fusion
 # is read off the same maps.
 GRID = {"resize": (256, 384), "feature_pool": (3, 1), "score_fusion": ("mean", "map")}
-BOOTSTRAP_SIZE = 64  # maps and masks are resized to this side for the resampled AUPRO
+EVAL_SIZE = 256  # validation pixel metrics on maps and masks resized to this side (anomalib's protocol)
+BOOTSTRAP_SIZE = 64  # and to this side for the resampled AUPRO
 
 
 @dataclass(frozen=True)
@@ -96,10 +98,57 @@ def objective(figures: dict[str, float]) -> float:
     return figures["image_auroc"]
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """What a candidate's build gives on the validation split, whatever its score fusion.
+
+    Attributes:
+        labels: (N,) anomalous or not. knn_scores, map_scores: (N,) of stage 1 and of the map.
+        maps, masks: (EVAL_SIZE, EVAL_SIZE) per image, None without ground-truth masks.
+    """
+
+    labels: np.ndarray
+    knn_scores: np.ndarray
+    map_scores: np.ndarray
+    maps: list[np.ndarray] | None
+    masks: list[np.ndarray] | None
+
+
+def validate(detector: SpadeDetector, samples: list[TestSample]) -> Outputs:
+    """Segment every validation image (segment="all") and keep what the candidates need."""
+    prediction = detector.predict([s.path for s in samples], segment="all")
+    labels = np.array([s.is_anomalous for s in samples])
+    if not any(s.mask_path is not None for s in samples):
+        return Outputs(labels, prediction.knn_scores, prediction.map_scores, None, None)
+    masks = [
+        resize_mask(read_mask(s.mask_path) if s.mask_path else np.zeros(m.shape, bool), EVAL_SIZE)
+        for s, m in zip(samples, prediction.anomaly_maps)
+    ]
+    maps = [resize_map(m, EVAL_SIZE) for m in prediction.anomaly_maps]
+    return Outputs(labels, prediction.knn_scores, prediction.map_scores, maps, masks)
+
+
+def image_scores(detector: SpadeDetector, outputs: Outputs, fusion: str) -> np.ndarray:
+    """(N,) image scores with `fusion` read off the two stages (the gate as the detector's)."""
+    calibration, cfg = detector.calibration, detector.config
+    gate = outputs.knn_scores >= calibration.gate_threshold
+    stats = calibration.to_dict()
+    return fuse_scores(outputs.knn_scores, outputs.map_scores, gate, stats, fusion, cfg.map_weight)
+
+
+def validation_figures(outputs: Outputs, scores: np.ndarray) -> dict[str, float]:
+    """image_auroc and, with masks, pixel_auroc and aupro at EVAL_SIZE."""
+    figures = {"image_auroc": float(roc_auc_score(outputs.labels, scores))}
+    if outputs.masks is not None:
+        figures["pixel_auroc"] = pixel_auroc(outputs.masks, outputs.maps)
+        figures["aupro"] = aupro(outputs.masks, outputs.maps)
+    return figures
+
+
 @dataclass
 class Scored:
-    """A candidate's validation outputs: image scores (N,) and, with masks, maps resized to
-    BOOTSTRAP_SIZE for the resampled AUPRO."""
+    """A candidate on the validation split: its figures, image scores (N,) and, with masks, its
+    maps at BOOTSTRAP_SIZE for the resampled AUPRO; `win_rate` once the bootstrap ran."""
 
     settings: dict
     figures: dict[str, float]
@@ -107,14 +156,6 @@ class Scored:
     small_maps: list[np.ndarray] | None = None
     seconds: float = 0.0
     win_rate: float | None = field(default=None)
-
-
-def small(maps: list[np.ndarray]) -> list[np.ndarray]:
-    return [resize_map(m, BOOTSTRAP_SIZE) for m in maps]
-
-
-def small_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
-    return [resize_mask(m, BOOTSTRAP_SIZE) for m in masks]
 
 
 def win_rate(

@@ -49,11 +49,11 @@ def test_ks_figures_are_quiet_on_the_same_distribution_and_name_a_shift():
 def test_reasons_count_anomalies_and_small_batches_run_no_drift_test():
     figures = {"anomalous_share": 0.3, "score_p": 1e-9, "score_ks": 1.0, "score_change": 2.0}
     assert reasons(figures, 10, MonitorLimits()) == [
-        "anomalous_share 0.30 > 0.2",
+        "anomalous_share 0.30 > 0.1",
         "stage-1 score drift: KS 1.00, p=1.0e-09 < 0.001, median +200%",
     ]
-    assert reasons(figures, 3, MonitorLimits()) == ["anomalous_share 0.30 > 0.2"]
-    assert reasons({**figures, "anomalous_share": 0.2}, 3, MonitorLimits()) == []
+    assert reasons(figures, 3, MonitorLimits()) == ["anomalous_share 0.30 > 0.1"]
+    assert reasons({**figures, "anomalous_share": 0.1}, 3, MonitorLimits()) == []
 
 
 @pytest.mark.parametrize(
