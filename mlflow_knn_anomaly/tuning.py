@@ -158,6 +158,16 @@ class Scored:
     win_rate: float | None = field(default=None)
 
 
+def small(maps: list[np.ndarray]) -> list[np.ndarray]:
+    """Maps resized to BOOTSTRAP_SIZE."""
+    return [resize_map(m, BOOTSTRAP_SIZE) for m in maps]
+
+
+def small_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Masks resized to BOOTSTRAP_SIZE."""
+    return [resize_mask(m, BOOTSTRAP_SIZE) for m in masks]
+
+
 def win_rate(
     labels: np.ndarray,
     default: Scored,
