@@ -57,8 +57,9 @@ def read_batch(source: str, line: LineDetector | None) -> pd.DataFrame:
     if missing.any():
         raise ValueError(f"{source}: a line model needs each image's category (a 'category' column, or a folder "
                          f"per category); {int(missing.sum())} images have none.")  # fmt: skip
-    for name in sorted(set(frame["category"]) - set(line.categories)):
-        raise ValueError(f"{source} names category {name!r}; the line model holds {list(line.categories)}.")
+    unknown = sorted(set(frame["category"]) - set(line.categories))
+    if unknown:
+        raise ValueError(f"{source} names category {unknown[0]!r}; the line model holds {list(line.categories)}.")
     return frame
 
 

@@ -49,9 +49,11 @@ def tune(
     Args:
         data: an MVTec-layout folder, or a root of them (a line model, tuned per category).
         config: the default settings (the first candidate); SpadeConfig() when None.
-        validation_fraction, seed: the split of each defect type and of good (`tuning.split_test`).
+        validation_fraction: the share of each defect type and of good that validates (`tuning.split_test`).
         validation: an MVTec-layout folder whose test/ is the validation split instead (a line: a root).
-        n_bootstrap, required_win_rate: the guard (`tuning.choose`).
+        seed: the split's seed, and the bootstrap's.
+        n_bootstrap: resamples of the validation images (`tuning.win_rate`).
+        required_win_rate: the share of them a candidate must win (`tuning.choose`).
         min_images: fewer validation defects or normal images keep the default.
 
     Returns:

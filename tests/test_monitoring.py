@@ -50,8 +50,18 @@ def test_monitor_logs_a_quiet_batch_then_an_alert_with_the_way_back(tracking, pa
     assert not quiet["alert"] and quiet["reason"] == "no limit crossed"
     run = tracking.get_run(quiet["run_id"])
     assert tracking.get_experiment(run.info.experiment_id).name == "disc-monitoring"
-    for key in ("anomalous_share", "segmented_share", "normalized_score_p50", "normalized_score_p95",
-                "normalized_score_p99", "score_ks", "score_p", "brightness_p", "contrast_p", "sharpness_p"):
+    for key in (
+        "anomalous_share",
+        "segmented_share",
+        "normalized_score_p50",
+        "normalized_score_p95",
+        "normalized_score_p99",
+        "score_ks",
+        "score_p",
+        "brightness_p",
+        "contrast_p",
+        "sharpness_p",
+    ):
         assert f"monitor.{key}" in run.data.metrics, key  # fmt: skip
     assert run.data.tags["monitor.alert"] == "false" and run.data.tags["monitor.reference"] == "bank"
     assert "monitor.next_step" not in run.data.tags
@@ -65,9 +75,10 @@ def test_monitor_logs_a_quiet_batch_then_an_alert_with_the_way_back(tracking, pa
     assert re.search(r"brightness drift: KS 1.00, p=\S+ < 0.001, median -4\d%", alert["reason"])
     tags = tracking.get_run(alert["run_id"]).data.tags
     assert tags["monitor.alert"] == "true" and tags["monitor.step"] == "1"
-    assert f"-e update_bank -P model_uri={uri} -P images=$(mlflow artifacts download -r {alert['run_id']}" in tags[
-        "monitor.next_step"
-    ]
+    assert (
+        f"-e update_bank -P model_uri={uri} -P images=$(mlflow artifacts download -r {alert['run_id']}"
+        in tags["monitor.next_step"]
+    )
     assert tracking.get_run(launcher.info.run_id).data.tags["monitor.run_id"] == alert["run_id"]
     history = tracking.get_metric_history(alert["run_id"], "monitor.brightness_p")
     assert [m.step for m in history] == [1]

@@ -54,6 +54,7 @@ DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/plant": PLANT,
     "/data/plant/transistor": PLANT,
     "/data/plant-images": PLANT_IMAGES,
+    "/data/mpdd/metal_plate": "mpdd_metal_plate",
     "/data/line/today": LINE_TODAY,
     "/data/line/false_alarms.csv": FALSE_ALARMS,
 }
@@ -380,6 +381,12 @@ def _check(sandbox: Sandbox, step: Step, done: subprocess.CompletedProcess, befo
         tags = sandbox.newest(name).tags
         assert tags["parent.version"] == sandbox.champion(name)
         assert "-P images=" not in text or tags["feedback.images"] == "5"
+    elif "-e tune" in text:
+        version = sandbox.newest("plate")
+        assert {"tune.settings", "tune.win_rate", "tune.default.aupro", "tune.tuned.aupro", "eval.aupro"} <= set(
+            version.tags
+        )
+        assert version.tags["tune.tuned.aupro"] == version.tags["eval.aupro"]
     elif "-e monitor" in text:
         (run,) = sandbox.client.search_runs(
             [sandbox.client.get_experiment_by_name(f"{name}-monitoring").experiment_id], max_results=1
@@ -439,7 +446,7 @@ def test_the_readme_has_commands_for_every_entry_point():
     """The README and the docs pages together run every entry point and name every URI form."""
     commands = " ".join(s.text for s in STEPS)
     for entry_point in ("build_bank", "update_bank", "evaluate", "promote", "rollback", "score", "add_category",
-                        "remove_category", "monitor"):  # fmt: skip
+                        "remove_category", "monitor", "tune"):  # fmt: skip
         assert f"-e {entry_point}" in commands, entry_point
     assert "model_uri=models:/bottle/2" in commands
     text = " ".join(page_text(page) for page in PAGES)  # the other forms, tests/test_registry.py resolves each
