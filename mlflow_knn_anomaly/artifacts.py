@@ -34,8 +34,10 @@ WEIGHTS_FILE = "weights.safetensors"
 BANK_DIR = "bank"
 HOLDOUT_DIR = "holdout"
 ROI_FILE = "roi.png"
-FORMAT_VERSION = 3  # 2: ragged bank rows (aspect-kept inputs); 3: calibration apart from the settings
-READABLE_FORMATS = (2, 3)
+# 2: ragged bank rows (aspect-kept inputs); 3: calibration apart from the settings; 4: what monitoring
+# needs (bank/statistics.npy, calibration.holdout_scores), so that an older version refuses it clearly.
+FORMAT_VERSION = 4
+READABLE_FORMATS = (2, 3, 4)
 # Settings added since format 2 first shipped, with the value that reproduces a model saved before
 # them (its thresholds were calibrated that way); a newer default must not change an old model.
 ADDED_SETTINGS = {

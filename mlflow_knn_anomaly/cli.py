@@ -16,7 +16,16 @@ import sys
 
 import click
 
-from .config import CALIBRATED, MAX_CATEGORY_DROP, OVERRIDES, SYNTHETIC, MonitorLimits, SpadeConfig, parse_categories
+from .config import (
+    CALIBRATED,
+    MAX_CATEGORY_DROP,
+    OVERRIDES,
+    SYNTHETIC,
+    MonitorLimits,
+    SpadeConfig,
+    TuneSettings,
+    parse_categories,
+)
 from .runtime import THREADS_ENV, configure_threads
 
 _FIELDS = dataclasses.fields(SpadeConfig)
@@ -121,8 +130,8 @@ def build_bank_command(
 @click.option("--images", default="", help="or a list of them (.txt, .csv or .parquet with a path column): "
               "false alarms operators confirmed as normal")  # fmt: skip
 @click.option("--model-name", default=None, help="registered model of the new version (default: the parent's)")
-@click.option("--skip-bad", is_flag=False, type=bool, default=False, show_default=True,
-              help="true: skip missing or unreadable images (logged) instead of failing")  # fmt: skip
+@click.option("--skip-bad", is_flag=False, flag_value=True, type=bool, default=False, show_default=True,
+              help="skip missing or unreadable images (logged) instead of failing (or: true/false)")  # fmt: skip
 @click.option("--category", default="", help="a line model's category to add the images to")
 @_runs
 def update_bank_command(
@@ -253,32 +262,29 @@ def rollback_command(model_name: str) -> None:
 @cli.command("tune")
 @click.option("--data", required=True, help="MVTec-layout folder with real defects in test/ (a root: per category)")
 @click.option("--model-name", default="spade-anomaly", show_default=True)
-@click.option("--validation-fraction", type=float, default=0.3, show_default=True,
+@click.option("--validation-fraction", type=float, default=TuneSettings.validation_fraction, show_default=True,
               help="seeded share of each defect type and of good that chooses; the rest proves")  # fmt: skip
-@click.option(
-    "--validation", default="", help="or a folder whose test/ is the validation split (all of data's test/ proves)"
-)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-bootstrap", type=int, default=200, show_default=True, help="resamples of the validation images")
-@click.option("--required-win-rate", type=float, default=0.9, show_default=True,
+@click.option("--validation", default="", help="or a folder whose test/ is the validation split (data's test/ proves)")
+@click.option("--seed", type=int, default=TuneSettings.seed, show_default=True)
+@click.option("--n-bootstrap", type=int, default=TuneSettings.n_bootstrap, show_default=True,
+              help="resamples of the validation images")  # fmt: skip
+@click.option("--required-win-rate", type=float, default=TuneSettings.required_win_rate, show_default=True,
               help="share of resamples a candidate must win to replace the default")  # fmt: skip
-@click.option("--min-images", type=int, default=5, show_default=True,
+@click.option("--min-images", type=int, default=TuneSettings.min_images, show_default=True,
               help="fewer validation defects or normal images keep the default")  # fmt: skip
+@click.option("--skip-bad", is_flag=True, help="skip unreadable training images (logged) instead of failing")
 @_config_options
 def tune_command(
     data: str, model_name: str, validation_fraction: float, validation: str, seed: int, n_bootstrap: int,
-    required_win_rate: float, min_images: int, **options,
+    required_win_rate: float, min_images: int, skip_bad: bool, **options,
 ) -> None:  # fmt: skip
     """Choose settings on a validation split of the real defects, register the choice, evaluate it on the rest."""
-    config = _config(options)
+    config = _config(options)  # bad settings fail before torch and MLflow load
+    settings = TuneSettings(validation_fraction, seed, n_bootstrap, required_win_rate, min_images)
     configure_threads()
     from . import tune_job
 
-    result = tune_job.tune(
-        data, model_name, config, validation_fraction, validation or None, seed, n_bootstrap, required_win_rate,
-        min_images,
-    )  # fmt: skip
-    click.echo(json.dumps(result))
+    click.echo(json.dumps(tune_job.tune(data, model_name, config, settings, validation or None, skip_bad)))
 
 
 @cli.command("main")

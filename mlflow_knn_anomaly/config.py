@@ -368,3 +368,32 @@ class MonitorLimits:
             raise ValueError(f"max_anomalous_share={self.max_anomalous_share} must be in [0, 1), e.g. 0.1.")
         if self.min_images < 2:
             raise ValueError(f"min_images={self.min_images} must be at least 2.")
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How `tune` splits, resamples and decides (`tuning`; the `tune` job's options).
+
+    Attributes:
+        validation_fraction: the seeded share of each defect type and of good that validates.
+        seed: the split's seed, and the bootstrap's.
+        n_bootstrap: resamples of the validation images.
+        required_win_rate: the share of them a candidate must win to replace the default.
+        min_images: fewer validation defects or normal images than this keep the default.
+    """
+
+    validation_fraction: float = 0.3
+    seed: int = 0
+    n_bootstrap: int = 200
+    required_win_rate: float = 0.9
+    min_images: int = 5
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction={self.validation_fraction} must be in (0, 1), e.g. 0.3.")
+        if self.n_bootstrap < 1:
+            raise ValueError(f"n_bootstrap={self.n_bootstrap} must be at least 1, e.g. 200.")
+        if not 0.0 < self.required_win_rate <= 1.0:
+            raise ValueError(f"required_win_rate={self.required_win_rate} must be in (0, 1], e.g. 0.9.")
+        if self.min_images < 1:
+            raise ValueError(f"min_images={self.min_images} must be at least 1, e.g. 5.")

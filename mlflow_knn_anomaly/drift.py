@@ -49,8 +49,9 @@ class NormalReference:
     Attributes:
         scores: (R,) stage-1 scores of the held-out normal images (none of them in the bank).
         statistics: (M, 3) image statistics of normal images; None when the model kept none.
-        statistics_of: "bank" (every bank image) or "holdout" (a model saved before the bank kept
-            them: the held-out images stand in).
+        statistics_of: "bank" (every bank image), "holdout" (a model saved before the bank kept
+            them: the held-out images stand in) or "none" (a model saved without held-out images:
+            no drift test runs).
     """
 
     scores: np.ndarray
@@ -70,7 +71,7 @@ def drift_figures(reference: NormalReference, scores: np.ndarray, statistics: np
         {"score_ks", "score_p", "score_change", "<statistic>_ks", ...}; a `*_change` is the
         relative change of the batch's median against the reference's (+0.3: 30 % higher).
     """
-    pairs = [("score", np.asarray(scores), reference.scores)]
+    pairs = [("score", np.asarray(scores), reference.scores)] if len(reference.scores) else []
     if reference.statistics is not None:
         pairs += [(name, statistics[:, j], reference.statistics[:, j]) for j, name in enumerate(STATISTICS)]
     figures = {}

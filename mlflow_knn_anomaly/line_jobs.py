@@ -78,7 +78,7 @@ def build_line(
         mlflow.log_metric("build_seconds", time.perf_counter() - start)
         for name in configs:
             jobs.log_fit(line.detector(name), len(images[name]), line.fit_seconds_[name], name)
-        version = _register(line, model_name, {CHANGE_TAG: f"built {len(configs)} categories"})
+        version = register_line(line, model_name, {CHANGE_TAG: f"built {len(configs)} categories"})
         return run.info.run_id, version
 
 
@@ -98,7 +98,7 @@ def update_category(
         jobs.log_fit(updated, len(new.paths), time.perf_counter() - start, category)
         change = f"update_bank {category}: +{len(new.paths)} normal images"
         tags = {CHANGE_TAG: change, **new.tags}
-        version = _register(line.with_category(category, updated), model_name, tags, model_uri)
+        version = register_line(line.with_category(category, updated), model_name, tags, model_uri)
         return run.info.run_id, version
 
 
@@ -137,7 +137,9 @@ def add_category(
         seconds = time.perf_counter() - start
         mlflow.log_metric("build_seconds", seconds)
         jobs.log_fit(detector, len(images), seconds, category)
-        version = _register(line.with_category(category, detector), name, {CHANGE_TAG: f"added {category}"}, model_uri)
+        version = register_line(
+            line.with_category(category, detector), name, {CHANGE_TAG: f"added {category}"}, model_uri
+        )
         return run.info.run_id, version
 
 
@@ -148,7 +150,7 @@ def remove_category(model_uri: str, category: str, model_name: str | None = None
     smaller = line.without_category(category)
     with jobs.run_of("remove_category") as run:
         jobs.log_new_params({"parent_model_uri": model_uri, "category": category})
-        version = _register(smaller, name, {CHANGE_TAG: f"removed {category}"}, model_uri)
+        version = register_line(smaller, name, {CHANGE_TAG: f"removed {category}"}, model_uri)
         return run.info.run_id, version
 
 
@@ -166,7 +168,7 @@ def _load_line(model_uri: str) -> LineDetector:
     return LineDetector({category: model})
 
 
-def _register(line: LineDetector, model_name: str, tags: dict[str, str], parent_uri: str | None = None) -> str:
+def register_line(line: LineDetector, model_name: str, tags: dict[str, str], parent_uri: str | None = None) -> str:
     """Log and register the line; tag the version with its categories, the change and its parent."""
     info = jobs.log_and_register(line, model_name)
     version = str(info.registered_model_version)

@@ -37,11 +37,12 @@ STEP_TAG = "monitor.step"
 def read_batch(source: str, line: LineDetector | None) -> pd.DataFrame:
     """The batch as rows (path, category): a folder of images (searched recursively) or an image
     list (`datasets.read_image_list`). For a line model each image's category is its list's
-    `category` column, or in a folder the name of the image's parent folder."""
+    `category` column, or in a folder the first folder under it (`<source>/<category>/...`)."""
     path = Path(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-        rows = [(p, p.parent.name if line is not None else None) for p in files]
+        parts = [p.relative_to(path).parts for p in files]
+        rows = [(p, part[0] if line is not None and len(part) > 1 else None) for p, part in zip(files, parts)]
     elif path.suffix.lower() in LIST_SUFFIXES:
         rows = read_image_list(path)
     else:
@@ -55,8 +56,9 @@ def read_batch(source: str, line: LineDetector | None) -> pd.DataFrame:
         return frame.assign(category="")
     missing = frame["category"].isna()
     if missing.any():
-        raise ValueError(f"{source}: a line model needs each image's category (a 'category' column, or a folder "
-                         f"per category); {int(missing.sum())} images have none.")  # fmt: skip
+        raise ValueError(f"{source}: a line model needs each image's category: put the images in "
+                         f"<source>/<category>/, or list them with a 'category' column; {int(missing.sum())} "
+                         "images have none.")  # fmt: skip
     unknown = sorted(set(frame["category"]) - set(line.categories))
     if unknown:
         raise ValueError(f"{source} names category {unknown[0]!r}; the line model holds {list(line.categories)}.")
@@ -131,60 +133,82 @@ def monitor(model_uri: str, source: str, limits: MonitorLimits | None = None, ex
     return _log_run(model_uri, ref, experiment, source, figures, why, batch, unreadable, limits, reference)
 
 
+REFERENCE_NOTES = {
+    "holdout": "saved before 0.4.0: no bank image statistics; compared with the held-out images' (a tenth as "
+    "many). Rebuild the model for the full reference.",
+    "none": "saved without held-out images (format 2): no drift test ran, only the shares and percentiles. "
+    "Rebuild the model to monitor drift.",
+}
+TAG_LIMIT = 5000  # MLflow's longest tag value; longer texts go to an artifact too
+
+
 def _log_run(model_uri, ref, experiment, source, figures, why, batch, unreadable, limits, reference) -> dict:
     """One run in `experiment`, whatever run launched the job (`mlflow run` starts one elsewhere:
     it is tagged with this run's id)."""
     client = MlflowClient()
     found = client.get_experiment_by_name(experiment)
     experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run, in the experiment it was given
-    last = client.search_runs([experiment_id], filter_string=f"tags.`monitor.model_uri` = '{model_uri}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
-    step = int(last[0].data.tags.get(STEP_TAG, -1)) + 1 if last else 0
+    last = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    step = int(last[0].data.tags.get(STEP_TAG, -1)) + 1 if last else 0  # the batches of this model before
     alert = bool(why)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name="monitor", nested=mlflow.active_run() is not None
-    ) as run:
-        mlflow.log_params(
-            {"model_uri": model_uri, "source": source, **{f"limit.{k}": v for k, v in vars(limits).items()}}
-        )
-        mlflow.log_metrics({f"monitor.{key}": value for key, value in figures.items()}, step=step)
-        tags = {
-            "monitor.model_uri": model_uri,
-            STEP_TAG: str(step),
-            "monitor.alert": "true" if alert else "false",
-            "monitor.reason": "; ".join(why) if why else "no limit crossed",
-            "monitor.reference": ",".join(sorted(reference)),
-            "monitor.unreadable_images": str(len(unreadable)),
-        }
-        if ref.versions:
-            tags["monitor.model_version"] = ref.versions[0].version
-        if alert:
-            tags["monitor.next_step"] = next_step(model_uri, run.info.run_id, batch)
-        mlflow.set_tags(tags)
-        with tempfile.TemporaryDirectory() as tmp:
-            batch.to_csv(Path(tmp) / BATCH_FILE, index=False)
-            mlflow.log_artifact(str(Path(tmp) / BATCH_FILE))
-        if unreadable:
-            mlflow.log_text("\n".join(unreadable), "unreadable_images.txt")
-        run_id = run.info.run_id
+    reason = "; ".join(why) if why else "no limit crossed"
+    launcher = os.environ.pop("MLFLOW_RUN_ID", None)  # `mlflow run`'s run: else start_run would resume it
+    try:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name="monitor", nested=mlflow.active_run() is not None
+        ) as run:
+            limit_params = {f"limit.{k}": v for k, v in vars(limits).items()}
+            mlflow.log_params({"model_uri": model_uri, "source": source, **limit_params})
+            mlflow.log_metrics({f"monitor.{key}": value for key, value in figures.items()}, step=step)
+            tags = {
+                "monitor.model_uri": model_uri,
+                STEP_TAG: str(step),
+                "monitor.alert": "true" if alert else "false",
+                "monitor.reason": reason,
+                "monitor.reference": ",".join(sorted(reference)),
+                "monitor.unreadable_images": str(len(unreadable)),
+            }
+            notes = [REFERENCE_NOTES[r] for r in sorted(reference) if r in REFERENCE_NOTES]
+            if notes:
+                tags["monitor.note"] = " ".join(notes)
+            if ref.versions:
+                tags["monitor.model_version"] = str(ref.versions[0].version)
+            if alert:
+                tags["monitor.next_step"] = next_step(model_uri, run.info.run_id, batch, why)
+            mlflow.set_tags({k: v if len(v) <= TAG_LIMIT else v[: TAG_LIMIT - 30] + " ... (see monitor.txt)"
+                             for k, v in tags.items()})  # fmt: skip
+            mlflow.log_text("\n".join(f"{k}: {v}" for k, v in tags.items()), "monitor.txt")
+            with tempfile.TemporaryDirectory() as tmp:
+                batch.to_csv(Path(tmp) / BATCH_FILE, index=False)
+                mlflow.log_artifact(str(Path(tmp) / BATCH_FILE))
+            if unreadable:
+                mlflow.log_text("\n".join(unreadable), "unreadable_images.txt")
+            run_id = run.info.run_id
+    finally:
+        if launcher:
+            os.environ["MLFLOW_RUN_ID"] = launcher
     if launcher:
         for key, value in {"monitor.run_id": run_id, "monitor.alert": tags["monitor.alert"]}.items():
             client.set_tag(launcher, key, value)
-    return {"run_id": run_id, "experiment": experiment, "step": step, "alert": alert, "reason": tags["monitor.reason"],
+    return {"run_id": run_id, "experiment": experiment, "step": step, "alert": alert, "reason": reason,
             "figures": figures}  # fmt: skip
 
 
-def next_step(model_uri: str, run_id: str, batch: pd.DataFrame) -> str:
-    """What to do when the batch alerts: review it, keep the images confirmed normal in its list,
-    and fold them into the model with `update_bank` (per category for a line model)."""
-    command = (
-        f"mlflow run . --env-manager local -e update_bank -P model_uri={model_uri} "
-        f"-P images=$(mlflow artifacts download -r {run_id} -a {BATCH_FILE})"
-    )
+def next_step(model_uri: str, run_id: str, batch: pd.DataFrame, why: list[str]) -> str:
+    """What to do when the batch alerts. A drift: review the batch's images, keep in its list those
+    confirmed normal, and fold them in with `update_bank` (per category for a line model). Too many
+    anomalous images alone: inspect the line; nothing is to be folded in."""
+    if all(reason.split("] ")[-1].startswith("anomalous_share") for reason in why):
+        return (
+            f"more images than expected are anomalous, with no drift of normal: inspect the line and the images "
+            f"of {BATCH_FILE} (this run's artifact); if some are false alarms, fold those in as for a drift."
+        )
+    command = f"mlflow run . --env-manager local -e update_bank -P model_uri={model_uri} -P images=review/{BATCH_FILE}"
     categories = sorted(c for c in set(batch["category"]) if c)
     steps = [command] if not categories else [f"{command} -P category={c}" for c in categories]
     return (
-        f"review the images of {BATCH_FILE} (this run's artifact): if normal has changed, delete the rows of real "
-        "defects and fold the rest into the model, evaluate the new version, then promote it: " + " ; ".join(steps)
+        f"normal has moved. 1. mlflow artifacts download -r {run_id} -a {BATCH_FILE} -d review  2. in "
+        f"review/{BATCH_FILE}, delete the rows of real defects  3. " + " ; ".join(steps) + "  4. evaluate the new "
+        "version and promote it. A statistic's drift clears once the bank holds enough of the new normal: fold in "
+        "batches comparable to the bank, or rebuild the model on the new normal images."
     )

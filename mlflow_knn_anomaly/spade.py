@@ -315,9 +315,9 @@ class SpadeDetector:
         """What monitoring compares production images with: the held-out images' stage-1 scores
         and the bank images' statistics. A model saved before the bank kept its statistics uses
         its held-out images' (a tenth as many), and one saved before it kept their scores
-        recomputes them (the same numbers)."""
-        if self.holdout is None:
-            raise ValueError("this model was saved without its held-out images (format 2): rebuild it to monitor it.")
+        recomputes them (the same numbers); one saved without held-out images (format 2) has none."""
+        if self.holdout is None:  # format 2: nothing kept to compare with
+            return NormalReference(np.zeros(0), None, "none")
         saved = self.calibration.holdout_scores
         scores = np.asarray(saved) if saved is not None else self.stage1_scores(self.holdout).astype(np.float64)
         if self.bank.statistics is not None:
@@ -366,11 +366,8 @@ class SpadeDetector:
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
         knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, progress)
         candidates = knn >= gate
-        cfg, stats = self.config, self.calibration.to_dict()
-        if cfg.score_mode == "two_stage":
-            scores = fuse_scores(knn, map_scores, candidates, stats, cfg.score_fusion, cfg.map_weight)
-        else:
-            scores = knn.astype(np.float64)
+        cfg = self.config
+        scores = self.image_scores(knn, map_scores, candidates)
         area = cfg.min_region_area if min_region_area is None else min_region_area
         found = [None if m is None else find_regions(m, pixel_t, area, r) for m, r in zip(maps, rois)]
         return Prediction(
@@ -386,6 +383,18 @@ class SpadeDetector:
             regions=[None if f is None else f[0] for f in found],
             rois=rois,
         )
+
+    def image_scores(
+        self, knn: np.ndarray, map_scores: np.ndarray, candidates: np.ndarray, fusion: str | None = None
+    ) -> np.ndarray:
+        """(N,) image scores from the two stages' (N,) scores, as `predict` reports them: two_stage
+        fuses them (`fusion`, default the config's `score_fusion`) where `candidates` passed the
+        gate; knn reports stage 1."""
+        cfg = self.config
+        if cfg.score_mode != "two_stage":
+            return knn.astype(np.float64)
+        stats = self.calibration.to_dict()
+        return fuse_scores(knn, map_scores, candidates, stats, fusion or cfg.score_fusion, cfg.map_weight)
 
     def _run_stages(
         self, images: list[ImageLike], segment: str, gate: float, progress: bool

@@ -11,6 +11,8 @@ before that evaluation. A root of MVTec folders (a line model) is tuned category
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -20,10 +22,13 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from . import jobs, tuning
-from .config import SpadeConfig
+from . import jobs, registry, tuning
+from .backbones import Backbone, FeaturePyramid
+from .config import SpadeConfig, TuneSettings
 from .datasets import TestSample, find_categories, is_mvtec_folder, read_mask
 from .evaluation import LabelledImage, evaluate_samples
 from .line import LineDetector
@@ -37,115 +42,136 @@ def tune(
     data: str,
     model_name: str,
     config: SpadeConfig | None = None,
-    validation_fraction: float = 0.3,
+    settings: TuneSettings | None = None,
     validation: str | None = None,
-    seed: int = 0,
-    n_bootstrap: int = 200,
-    required_win_rate: float = 0.9,
-    min_images: int = 5,
+    skip_bad: bool = False,
 ) -> dict:
     """Tune `config`'s settings of `tuning.GRID` on `data` and register the result as a version of `model_name`.
 
     Args:
         data: an MVTec-layout folder, or a root of them (a line model, tuned per category).
         config: the default settings (the first candidate); SpadeConfig() when None.
-        validation_fraction: the share of each defect type and of good that validates (`tuning.split_test`).
+        settings: the split, the bootstrap and the guard (`TuneSettings()` when None).
         validation: an MVTec-layout folder whose test/ is the validation split instead (a line: a root).
-        seed: the split's seed, and the bootstrap's.
-        n_bootstrap: resamples of the validation images (`tuning.win_rate`).
-        required_win_rate: the share of them a candidate must win (`tuning.choose`).
-        min_images: fewer validation defects or normal images keep the default.
+        skip_bad: unreadable training images are logged and left out instead of failing the job.
 
     Returns:
         {"run_id", "version", "choices": {category: settings}, "test": {category: {"default", "tuned"}}}.
     """
-    config = config or SpadeConfig()
+    config, settings = config or SpadeConfig(), settings or TuneSettings()
     with tempfile.TemporaryDirectory() as tmp, jobs.run_of("tune") as run:
         root = jobs.resolve_data(data, Path(tmp))
         line = not is_mvtec_folder(root)
         folders = find_categories(root)[0] if line else {root.name: root}
-        if not folders:
-            raise ValueError(f"{root} is neither an MVTec-layout folder nor a root of them.")
         jobs.log_config(config)
-        jobs.log_new_params({"data": data, "validation_fraction": validation_fraction, "validation": validation or "",
-                             "seed": seed, "n_bootstrap": n_bootstrap, "required_win_rate": required_win_rate,
-                             "min_images": min_images})  # fmt: skip
+        jobs.log_new_params({"data": data, "validation": validation or "", **dataclasses.asdict(settings)})
         start = time.perf_counter()
         outcomes = {}
         for name, folder in folders.items():
             explicit = None if not validation else (Path(validation) / name if line else Path(validation))
-            split = (
-                tuning.explicit_split(folder, explicit)
-                if explicit
-                else tuning.split_test(folder, validation_fraction, seed)
-            )
-            outcomes[name] = _tune_category(name if line else None, folder, split, config, n_bootstrap,
-                                            required_win_rate, min_images, seed)  # fmt: skip
+            split = tuning.explicit_split(folder, explicit) if explicit else tuning.split_test(
+                folder, settings.validation_fraction, settings.seed
+            )  # fmt: skip
+            outcomes[name] = _tune_category(name if line else None, folder, split, config, settings, skip_bad)
         mlflow.log_metric("tune_seconds", time.perf_counter() - start)
-        model = LineDetector({n: o["model"] for n, o in outcomes.items()}) if line else outcomes[root.name]["model"]
-        if line:
-            from . import line_jobs
-
-            version = line_jobs._register(model, model_name, {line_jobs.CHANGE_TAG: "tuned"})
-        else:
-            version = str(jobs.log_and_register(model, model_name, category=root.name).registered_model_version)
+        version = _register(outcomes, model_name, root.name if not line else None)
         splits = {n: o["split"] for n, o in outcomes.items()}
         test_root = _test_split_folder(Path(tmp) / "test-split", list(folders), splits, line)
         tuned = jobs.evaluate(f"models:/{model_name}/{version}", str(test_root))  # the first read of a test image
-        result = {"run_id": run.info.run_id, "version": version, "choices": {}, "test": {}}
-        client = MlflowClient()
+        _evaluate_champion(model_name, version, test_root)
         tags = {"tune.seconds": f"{time.perf_counter() - start:.1f}"}
+        result = {"run_id": run.info.run_id, "version": version, "choices": {}, "test": {}}
         for name, outcome in outcomes.items():
             prefix = f"{name}." if line else ""
-            split = outcome["split"]
             tuned_figures = {m: tuned[prefix + m] for m in TEST_FIGURES if prefix + m in tuned}
+            split = outcome["split"]
             default_figures = tuned_figures if outcome["is_default"] else _test_figures(outcome["default"], split)
-            choice = outcome["choice"]
-            tags.update({
-                f"tune.{prefix}validation_digest": split.digest,
-                f"tune.{prefix}settings": json.dumps(choice.settings, sort_keys=True),
-                f"tune.{prefix}win_rate": "none" if choice.win_rate is None else f"{choice.win_rate:.3f}",
-                f"tune.{prefix}reason": choice.reason[:5000],
-                **{f"tune.{prefix}validation.{k}": str(v) for k, v in split.counts().items()},
-                **{f"tune.{prefix}default.{m}": f"{v:.6f}" for m, v in default_figures.items()},
-                **{f"tune.{prefix}tuned.{m}": f"{v:.6f}" for m, v in tuned_figures.items()},
-            })  # fmt: skip
-            result["choices"][name] = choice.settings
+            tags.update(_tags(prefix, split, outcome["choice"], default_figures, tuned_figures))
+            result["choices"][name] = outcome["choice"].settings
             result["test"][name] = {"default": default_figures, "tuned": tuned_figures}
+        client = MlflowClient()
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, value)
-        mlflow.set_tags({k: v for k, v in tags.items() if len(v) <= 5000})
+        mlflow.set_tags(tags)
         return result
 
 
-def _tune_category(category, folder, split, config, n_bootstrap, required_win_rate, min_images, seed) -> dict:
+def _register(outcomes: dict, model_name: str, category: str | None) -> str:
+    """Log and register the chosen model: one category's detector, or a line of every category's."""
+    if category is not None:
+        model = outcomes[category]["model"]
+        return str(jobs.log_and_register(model, model_name, category=category).registered_model_version)
+    from . import line_jobs
+
+    line = LineDetector({name: outcome["model"] for name, outcome in outcomes.items()})
+    return line_jobs.register_line(line, model_name, {line_jobs.CHANGE_TAG: "tuned"})
+
+
+def _evaluate_champion(model_name: str, version: str, test_root: Path) -> None:
+    """The current champion evaluated on the same test split, so that `promote` compares the two
+    on the same data (its `eval.*` tags then describe this split)."""
+    try:
+        champion = MlflowClient().get_model_version_by_alias(model_name, registry.CHAMPION)
+    except MlflowException:
+        return  # no champion yet: the first promote needs none
+    if champion.version != version:
+        jobs.evaluate(f"models:/{model_name}/{champion.version}", str(test_root))
+
+
+def _tags(prefix: str, split: tuning.Split, choice: tuning.Choice, default: dict, tuned: dict) -> dict[str, str]:
+    """The version's `tune.*` tags of one category (`prefix` `<category>.` in a line)."""
+    return {
+        f"tune.{prefix}validation_digest": split.digest,
+        f"tune.{prefix}settings": json.dumps(choice.settings, sort_keys=True),
+        f"tune.{prefix}win_rate": "none" if choice.win_rate is None else f"{choice.win_rate:.3f}",
+        f"tune.{prefix}reason": choice.reason[:5000],
+        **{f"tune.{prefix}validation.{k}": str(v) for k, v in split.counts().items()},
+        **{f"tune.{prefix}default.{m}": f"{v:.6f}" for m, v in default.items()},
+        **{f"tune.{prefix}tuned.{m}": f"{v:.6f}" for m, v in tuned.items()},
+    }
+
+
+def _tune_category(
+    category: str | None, folder: Path, split: tuning.Split, config: SpadeConfig, settings: TuneSettings,
+    skip_bad: bool,
+) -> dict:  # fmt: skip
     """Score every candidate on the validation split (child runs) and choose; returns the chosen
     model fitted on the whole train/good, the default's, the split and the choice."""
-    images = jobs.readable_train_images(folder, skip_bad=False, category=category)
+    images = jobs.readable_train_images(folder, skip_bad=skip_bad, category=category)
+    min_images = settings.min_images
+    shared = SharedFeatures(SpadeDetector(config).backbone)
     counts = split.counts()
     both = counts["validation_defects"] > 0 and counts["validation_normal"] > 0
     built: dict[tuple, tuple[SpadeDetector, tuning.Outputs | None, float]] = {}
     scored = []
-    for settings in tuning.candidates({name: getattr(config, name) for name in tuning.GRID}):
-        key = tuning.feature_key(settings)
+    for candidate_settings in tuning.candidates({name: getattr(config, name) for name in tuning.GRID}):
+        key = tuning.feature_key(candidate_settings)
         if key not in built:
+            shared.keep_only(candidate_settings["resize"])
             start = time.perf_counter()
-            detector = SpadeDetector(config.replace(**settings)).fit(images)
+            detector = SpadeDetector(config.replace(**candidate_settings), backbone=shared).fit(images)
             seconds = time.perf_counter() - start
-            built[key] = (detector, tuning.validate(detector, split.validation) if both else None, seconds)
+            outputs = tuning.validate(detector, split.validation) if both else None
+            built[key] = (detector, outputs, seconds)
         detector, outputs, seconds = built[key]
         if outputs is None:  # no defect (or no normal image) to validate on: nothing to compare
-            scored.append(tuning.Scored(settings, {}, np.zeros(0), None, seconds))
+            scored.append(tuning.Scored(candidate_settings, {}, np.zeros(0), None, seconds))
             continue
-        scores = tuning.image_scores(detector, outputs, settings["score_fusion"])
+        scores = tuning.image_scores(detector, outputs, candidate_settings["score_fusion"])
         small = None if outputs.maps is None else tuning.small(outputs.maps)
-        scored.append(tuning.Scored(settings, tuning.validation_figures(outputs, scores), scores, small, seconds))
+        figures = tuning.validation_figures(outputs, scores)
+        scored.append(tuning.Scored(candidate_settings, figures, scores, small, seconds))
     if counts["validation_defects"] >= min_images and counts["validation_normal"] >= min_images:
         outputs = built[tuning.feature_key(scored[0].settings)][1]
         masks = None if outputs.masks is None else tuning.small_masks(outputs.masks)
         for candidate in scored[1:]:
-            candidate.win_rate = tuning.win_rate(outputs.labels, scored[0], candidate, masks, n_bootstrap, seed)
-    choice = tuning.choose(scored, required_win_rate, counts, min_images)
+            candidate.win_rate = tuning.win_rate(
+                outputs.labels, scored[0], candidate, masks, settings.n_bootstrap, settings.seed
+            )
+    choice = tuning.choose(scored, settings.required_win_rate, counts, min_images)
+    shared.keep_only(None)
+    for detector, _, _ in built.values():
+        detector.backbone = shared.backbone  # the kept outputs go; the models keep the backbone
     for i, candidate in enumerate(scored):
         _log_candidate(category, i, candidate, choice)
     default_detector = built[tuning.feature_key(scored[0].settings)][0]
@@ -157,6 +183,35 @@ def _tune_category(category, folder, split, config, n_bootstrap, required_win_ra
         chosen_detector = refit.fit_bank(chosen_detector.bank, chosen_detector.holdout)
     return {"model": chosen_detector, "default": default_detector, "split": split, "choice": choice,
             "is_default": choice.settings == scored[0].settings}  # fmt: skip
+
+
+class SharedFeatures:
+    """A backbone that keeps its outputs per input batch, so that candidates of one input size
+    (they differ only after the backbone: `feature_pool`, the score fusion) put each image through
+    it once; `keep_only(resize)` drops the outputs of other sizes. Everything else is the backbone's."""
+
+    def __init__(self, backbone: Backbone) -> None:
+        self.backbone = backbone
+        self._kept: dict[bytes, FeaturePyramid] = {}
+        self._resize: int | None = None
+
+    def keep_only(self, resize: int | None) -> None:
+        if resize != self._resize:
+            self._kept, self._resize = {}, resize
+
+    def extract(self, images: torch.Tensor) -> FeaturePyramid:
+        key = hashlib.blake2b(images.detach().cpu().numpy().tobytes(), digest_size=16).digest()
+        key += str(tuple(images.shape)).encode()
+        if key not in self._kept:
+            self._kept[key] = self.backbone.extract(images)
+        return self._kept[key]
+
+    def to(self, device) -> SharedFeatures:
+        self.backbone.to(device)
+        return self
+
+    def __getattr__(self, name: str):
+        return getattr(self.backbone, name)
 
 
 def _log_candidate(category: str | None, index: int, candidate: tuning.Scored, choice: tuning.Choice) -> None:

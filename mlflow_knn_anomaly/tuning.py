@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from .datasets import NORMAL, TestSample, read_mask, read_test
+from .datasets import TestSample, read_mask, read_test
 from .metrics import aupro, pixel_auroc, resize_map, resize_mask
-from .spade import SpadeDetector, fuse_scores
+from .spade import SpadeDetector
 
 # The settings the benchmarks show to matter (docs: results), and no more. `resize` 320 and
 # `k_images`/`sigma` were left out: no shared set moved with them by more than the noise, and each
@@ -30,6 +30,7 @@ from .spade import SpadeDetector, fuse_scores
 GRID = {"resize": (256, 384), "feature_pool": (3, 1), "score_fusion": ("mean", "map")}
 EVAL_SIZE = 256  # validation pixel metrics on maps and masks resized to this side (anomalib's protocol)
 BOOTSTRAP_SIZE = 64  # and to this side for the resampled AUPRO
+TIE = 1e-4  # validation objectives closer than this are a tie, which goes to the faster candidate
 
 
 @dataclass(frozen=True)
@@ -129,11 +130,9 @@ def validate(detector: SpadeDetector, samples: list[TestSample]) -> Outputs:
 
 
 def image_scores(detector: SpadeDetector, outputs: Outputs, fusion: str) -> np.ndarray:
-    """(N,) image scores with `fusion` read off the two stages (the gate as the detector's)."""
-    calibration, cfg = detector.calibration, detector.config
-    gate = outputs.knn_scores >= calibration.gate_threshold
-    stats = calibration.to_dict()
-    return fuse_scores(outputs.knn_scores, outputs.map_scores, gate, stats, fusion, cfg.map_weight)
+    """(N,) image scores as `detector` reports them, with `fusion` as its score fusion."""
+    candidates = outputs.knn_scores >= detector.calibration.gate_threshold
+    return detector.image_scores(outputs.knn_scores, outputs.map_scores, candidates, fusion)
 
 
 def validation_figures(outputs: Outputs, scores: np.ndarray) -> dict[str, float]:
@@ -206,7 +205,7 @@ class Choice:
 def choose(scored: list[Scored], required_win_rate: float, counts: dict[str, int], min_images: int) -> Choice:
     """The default (`scored[0]`) unless a candidate beats it on the validation objective and on at
     least `required_win_rate` of the bootstrap resamples (`Scored.win_rate`); among those, the best,
-    ties going to the faster (smaller resize, then fewer features: the grid's order)."""
+    ties (within TIE) going to the faster (the smaller resize, then the grid's order)."""
     default = scored[0]
     if counts["validation_defects"] < min_images or counts["validation_normal"] < min_images:
         return Choice(default.settings, f"kept the default: the validation split holds {counts['validation_defects']} "
@@ -219,11 +218,8 @@ def choose(scored: list[Scored], required_win_rate: float, counts: dict[str, int
         reason = f"kept the default: the best candidate {best.settings} wins on {best.win_rate:.0%} of the resamples"
         return Choice(default.settings, f"{reason}, below {required_win_rate:.0%}", best.win_rate)
     top = max(objective(s.figures) for s in winners)
-    pick = next(s for s in winners if objective(s.figures) >= top - 1e-9)  # the grid's order: faster first
+    tied = [s for s in winners if objective(s.figures) >= top - TIE]
+    pick = min(tied, key=lambda s: s.settings.get("resize", 0))  # the faster; then the grid's order
     gain = objective(pick.figures) - base
     return Choice(pick.settings, f"{pick.settings} beats the default by {gain:+.4f} on validation and wins on "
                   f"{pick.win_rate:.0%} of the resamples", pick.win_rate)  # fmt: skip
-
-
-def normal_share(samples: list[TestSample]) -> float:
-    return float(np.mean([s.defect_type == NORMAL for s in samples]))

@@ -2,6 +2,7 @@
 monitoring experiment, a quiet batch and an alerting one with the way back, per-category figures
 of a line model, and confirmed false alarms folded in with `update_bank -P images=...`."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -75,10 +76,9 @@ def test_monitor_logs_a_quiet_batch_then_an_alert_with_the_way_back(tracking, pa
     assert re.search(r"brightness drift: KS 1.00, p=\S+ < 0.001, median -4\d%", alert["reason"])
     tags = tracking.get_run(alert["run_id"]).data.tags
     assert tags["monitor.alert"] == "true" and tags["monitor.step"] == "1"
-    assert (
-        f"-e update_bank -P model_uri={uri} -P images=$(mlflow artifacts download -r {alert['run_id']}"
-        in tags["monitor.next_step"]
-    )
+    assert f"mlflow artifacts download -r {alert['run_id']} -a batch.csv -d review" in tags["monitor.next_step"]
+    assert f"-e update_bank -P model_uri={uri} -P images=review/batch.csv" in tags["monitor.next_step"]
+    assert os.environ["MLFLOW_RUN_ID"] == launcher.info.run_id  # put back for whatever runs next
     assert tracking.get_run(launcher.info.run_id).data.tags["monitor.run_id"] == alert["run_id"]
     history = tracking.get_metric_history(alert["run_id"], "monitor.brightness_p")
     assert [m.step for m in history] == [1]

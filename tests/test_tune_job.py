@@ -7,12 +7,14 @@ import json
 import pathlib
 
 import mlflow
+import numpy as np
 import PIL.Image
 import pytest
 from mlflow import MlflowClient
 
-from mlflow_knn_anomaly import SpadeConfig, registry, tune_job, tuning
-from mlflow_knn_anomaly.datasets import make_synthetic
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, registry, tune_job, tuning
+from mlflow_knn_anomaly.config import TuneSettings
+from mlflow_knn_anomaly.datasets import make_synthetic, read_train
 
 SETTINGS = {"resize", "feature_pool", "score_fusion"}
 
@@ -89,19 +91,37 @@ def test_tune_compares_candidates_registers_the_choice_and_reads_no_test_image_b
     assert registry.promote("disc", "1", "aupro", 0.0).promoted  # a version like any other
 
 
-def test_a_line_is_tuned_per_category(tracking, tmp_path, monkeypatch):
+def test_a_line_is_tuned_per_category_and_promote_compares_it_with_the_champion(tracking, tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "GRID", {"resize": (128,), "feature_pool": (3, 1), "score_fusion": ("mean",)})
     _part(tmp_path / "plant" / "disc", 2)
     _part(tmp_path / "plant" / "ring", 3)
-    result = tune_job.tune(
-        str(tmp_path / "plant"), "plant", SpadeConfig(resize=128), min_images=50
-    )  # too few images: defaults kept
-    assert result["choices"] == {
-        c: {"resize": 128, "feature_pool": 3, "score_fusion": "mean"} for c in ("disc", "ring")
-    }
+    thin = TuneSettings(min_images=50)  # too few validation images: the defaults are kept
+    result = tune_job.tune(str(tmp_path / "plant"), "plant", SpadeConfig(resize=128), thin)
+    default = {"resize": 128, "feature_pool": 3, "score_fusion": "mean"}
+    assert result["choices"] == {"disc": default, "ring": default}
     tags = tracking.get_model_version("plant", result["version"]).tags
     assert tags["line.categories"] == "disc,ring"
     for category in ("disc", "ring"):
         assert "fewer than min_images=50" in tags[f"tune.{category}.reason"]
         assert tags[f"tune.{category}.tuned.aupro"] == tags[f"eval.{category}.aupro"]
         assert tags[f"tune.{category}.default.aupro"] == tags[f"tune.{category}.tuned.aupro"]
+    assert registry.promote("plant", result["version"], "aupro", 0.0).promoted
+    again = tune_job.tune(str(tmp_path / "plant"), "plant", SpadeConfig(resize=128), thin)
+    champion = tracking.get_model_version("plant", result["version"]).tags
+    assert (
+        champion["eval.data_digest"] == tracking.get_model_version("plant", again["version"]).tags["eval.data_digest"]
+    )
+    decision = registry.promote("plant", again["version"], "aupro", 0.0)  # the same split: comparable
+    assert not decision.promoted and "eval" not in decision.reason.lower()[:20]
+
+
+def test_shared_backbone_outputs_give_the_same_model_as_a_fit_of_its_own(tmp_path):
+    images = read_train(_part(tmp_path / "disc", 4))[:12]
+    config = SpadeConfig(resize=128)
+    shared = tune_job.SharedFeatures(SpadeDetector(config).backbone)
+    SpadeDetector(config, backbone=shared).fit(images)  # feature_pool=3 fills the kept outputs
+    reused = SpadeDetector(config.replace(feature_pool=1), backbone=shared).fit(images)
+    alone = SpadeDetector(config.replace(feature_pool=1)).fit(images)
+    for layer, rows in alone.bank.features.items():
+        np.testing.assert_array_equal(reused.bank.features[layer], rows)
+    assert reused.calibration == alone.calibration
