@@ -74,11 +74,13 @@ def row(name: str, label: str, out: dict) -> str:
         cells.append("–" if d is None else f"{float(d):.3f} → {float(t):.3f}")
     settings = json.loads(tags["tune.settings"])
     ratio = float(tags["tune.seconds"]) / out["default_build_seconds"]
+    search = float(tags.get("tune.search_seconds", "nan"))
     return (
         f"| {name} | {label} | {tags['tune.validation.validation_defects']} / "
         f"{tags['tune.validation.validation_normal']} | " + " | ".join(cells) + f" | {settings['resize']}, pool "
         f"{settings['feature_pool']}, {settings['score_fusion']} | {tags['tune.win_rate']} | "
-        f"{float(tags['tune.seconds']):.0f} s ({ratio:.1f}x a build) |"
+        f"{float(tags['tune.seconds']):.0f} s ({ratio:.1f}x a build; search {search:.0f} s, "
+        f"{search / out['default_build_seconds']:.1f}x) |"
     )
 
 
