@@ -17,25 +17,16 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from monitor import model  # benchmarks/monitor.py: the same cached default models
 from PIL import ImageEnhance
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_train
+from mlflow_knn_anomaly import SpadeDetector
 from mlflow_knn_anomaly.evaluation import LabelledImage, evaluate_samples, read_samples
 from mlflow_knn_anomaly.images import load_image
 from mlflow_knn_anomaly.metrics import aupro, image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SETS = ("magnetic_tile", "mvtec_transistor", "mpdd_metal_plate", "elpv")
-
-
-def model(root: Path, name: str, cache: Path) -> SpadeDetector:
-    path = cache / name
-    if path.exists():
-        return SpadeDetector.load(path)
-    detector = SpadeDetector(SpadeConfig()).fit(read_train(root / name))
-    detector.save(path)
-    return detector
 
 
 def figures(detector: SpadeDetector, result, keep: list[int], unseen: set[int]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import requests
+from mlflow import MlflowClient
 from PIL import Image
 
 from mlflow_knn_anomaly import SpadeDetector
@@ -46,6 +47,16 @@ def mlflow_store(uri: str) -> Iterator[None]:
     finally:
         mlflow.set_tracking_uri(None)
         mlflow.set_registry_uri(None)
+
+
+@pytest.fixture()
+def tracking(tmp_path, monkeypatch) -> Iterator[MlflowClient]:
+    """A tracking and registry store of the test's own (sqlite in tmp_path), and a client of it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield MlflowClient()
+    mlflow.set_tracking_uri(None)
 
 
 def shared_dataset(name: str) -> Path:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 
 from mlflow_knn_anomaly import SpadeConfig, jobs, line_jobs
 from mlflow_knn_anomaly.artifacts import sha256
@@ -15,15 +14,6 @@ from mlflow_knn_anomaly.datasets import make_synthetic
 from mlflow_knn_anomaly.line import LineDetector
 
 SMALL = SpadeConfig(k_images=3)
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient()
-    mlflow.set_tracking_uri(None)
 
 
 def _part(root: Path, seed: int, masks: bool = True) -> Path:

@@ -11,22 +11,12 @@ import sys
 import mlflow
 import pandas as pd
 import pytest
-from mlflow import MlflowClient
 from PIL import Image, ImageEnhance
 
 from mlflow_knn_anomaly import SpadeConfig, jobs, monitoring
 from mlflow_knn_anomaly.datasets import make_synthetic, read_image_list, read_test
 
 SMALL = SpadeConfig(k_images=3)
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient()
-    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture(scope="module")

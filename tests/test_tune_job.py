@@ -6,26 +6,15 @@ import builtins
 import json
 import pathlib
 
-import mlflow
 import numpy as np
 import PIL.Image
 import pytest
-from mlflow import MlflowClient
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, registry, tune_job, tuning
 from mlflow_knn_anomaly.config import TuneSettings
 from mlflow_knn_anomaly.datasets import make_synthetic, read_train
 
 SETTINGS = {"resize", "feature_pool", "score_fusion"}
-
-
-@pytest.fixture()
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield MlflowClient()
-    mlflow.set_tracking_uri(None)
 
 
 def _part(root, seed):
