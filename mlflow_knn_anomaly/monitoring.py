@@ -9,7 +9,6 @@ gives the command that folds the batch's confirmed-normal images into the model 
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -29,7 +28,6 @@ from .line import LineDetector
 from .pyfunc_model import load_model
 from .spade import SpadeDetector
 
-_logger = logging.getLogger(__name__)
 BATCH_FILE = "batch.csv"
 STEP_TAG = "monitor.step"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import os
 import tempfile
 import time
@@ -34,7 +33,6 @@ from .evaluation import LabelledImage, evaluate_samples
 from .line import LineDetector
 from .spade import SpadeDetector
 
-_logger = logging.getLogger(__name__)
 TEST_FIGURES = ("image_auroc", "pixel_auroc", "aupro")
 
 
