@@ -60,16 +60,24 @@ def combine_layers(
 
 
 def map_score(input_map: np.ndarray, margin: int, top: float = 0.0, roi: np.ndarray | None = None) -> float:
-    """Image score from a map of the network input: the mean of its highest `top` share of pixels
-    (0: its maximum), ignoring `margin` pixels at the border, where zero padding inflates the
-    features of every image (normal ones too). The margin shrinks on a narrow input so that a
-    quarter of each side is always scored. With `roi`, an (H, W) bool inspection region of the
-    input, only its pixels count (all of them if none lies inside the margin)."""
-    h, w = input_map.shape
+    """Image score from a map of the network input: the mean of its highest `top` share of scored
+    pixels (`scored_pixels`; 0: their maximum)."""
+    values = input_map[scored_pixels(input_map.shape, margin, roi)]
+    n = max(1, round(top * values.size))
+    return float(np.partition(values, values.size - n)[values.size - n :].mean())
+
+
+def scored_pixels(shape: tuple[int, int], margin: int, roi: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) bool: the pixels the map score reads. They leave out `margin` pixels at the border,
+    where zero padding inflates the features of every image (normal ones too); the margin shrinks on
+    a narrow input so that a quarter of each side is always scored. With `roi`, an (H, W) bool
+    inspection region of the input, only its pixels count (all of them if none lies inside the
+    margin)."""
+    h, w = shape
     my, mx = (min(margin, side * 3 // 8) for side in (h, w))
-    core = input_map[my : h - my, mx : w - mx].ravel()
+    scored = np.zeros((h, w), dtype=bool)
+    scored[my : h - my, mx : w - mx] = True
     if roi is not None:
-        inside = roi[my : h - my, mx : w - mx].ravel()
-        core = core[inside] if inside.any() else input_map[roi]
-    n = max(1, round(top * core.size))
-    return float(np.partition(core, core.size - n)[core.size - n :].mean())
+        inside = scored & roi
+        scored = inside if inside.any() else roi.astype(bool)
+    return scored

@@ -35,9 +35,10 @@ BANK_DIR = "bank"
 HOLDOUT_DIR = "holdout"
 ROI_FILE = "roi.png"
 # 2: ragged bank rows (aspect-kept inputs); 3: calibration apart from the settings; 4: what monitoring
-# needs (bank/statistics.npy, calibration.holdout_scores), so that an older version refuses it clearly.
-FORMAT_VERSION = 4
-READABLE_FORMATS = (2, 3, 4)
+# needs (bank/statistics.npy, calibration.holdout_scores), so that an older version refuses it clearly;
+# 5: the `exact_maps` setting (an older version would refuse it as an unknown key).
+FORMAT_VERSION = 5
+READABLE_FORMATS = (2, 3, 4, 5)
 # Settings added since format 2 first shipped, with the value that reproduces a model saved before
 # them (its thresholds were calibrated that way); a newer default must not change an old model.
 ADDED_SETTINGS = {
@@ -50,6 +51,7 @@ ADDED_SETTINGS = {
     "score_top": 0.0,
     "min_region_area": 0.0,
     "roi": "",
+    "exact_maps": True,
 }
 # Format 2 kept the fitted state among the settings; `candidate_threshold` is now the gate.
 FORMAT2_FITTED = {

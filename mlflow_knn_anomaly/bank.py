@@ -79,6 +79,10 @@ class FeatureBank:
         rows = [self.features[layer][starts[i] : starts[i + 1]] for i in np.sort(nn_indices)]
         return torch.from_numpy(np.concatenate(rows)).float()
 
+    def image_rows(self, layer: str, nn_indices: np.ndarray) -> np.ndarray:
+        """(K,) rows of each image of `gallery(layer, nn_indices)`, in its order."""
+        return np.diff(self.offsets[layer])[np.sort(nn_indices)]
+
     def save(self, directory: Path) -> list[Path]:
         """Write one .npy per array plus the manifest into `directory`; returns the files written."""
         directory.mkdir(parents=True, exist_ok=True)

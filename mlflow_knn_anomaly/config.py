@@ -79,6 +79,11 @@ class SpadeConfig:
         score_top: the map-based image score is the mean of the highest `score_top` share of the
             map's pixels inside the margin (0.005: the top half percent); 0 takes the maximum alone,
             which one noisy pixel can decide.
+        exact_maps: search every pixel of every layer exhaustively. False (the default) searches
+            exhaustively only the cells that feed a pixel which could reach the pixel threshold or
+            the map score's top share, judged on an upper bound (`refine.py`), so masks, regions
+            and scores are the same; elsewhere the map keeps the bound, the distance to the best
+            gallery feature at the pixel's own place in each gallery image.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
         bank_dtype: storage dtype of the pixel features.
         holdout_fraction: share of the normal images held out of the bank to calibrate.
@@ -122,6 +127,7 @@ class SpadeConfig:
     map_weight: float = 5.0
     score_margin: int = 16
     score_top: float = 0.005
+    exact_maps: bool = False
     image_index: str = "flat"
     bank_dtype: str = "float16"
     holdout_fraction: float = 0.1
@@ -315,6 +321,7 @@ CONSTRAINTS = {
     "kappa": _integer(1),
     "sigma": _number(0.0, math.inf),
     "normalize_layers": _boolean,
+    "exact_maps": _boolean,
     "layer_combine": _choice(LAYER_COMBINES),
     "feature_pool": _integer(1),
     "reduce_channels": _integer(0),

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import anomaly_map, artifacts
+from . import anomaly_map, artifacts, refine
 from .backbone_specs import BACKBONES
 from .backbones import Backbone, FeaturePyramid, build_backbone
 from .bank import FeatureBank
@@ -331,12 +331,53 @@ class SpadeDetector:
         galleries = {name: self.bank.gallery(name, nn_indices[: counts[name]]) for name in features}
         return anomaly_map.layer_distances(features, galleries, self.config.kappa)
 
-    def stage2(self, features: dict[str, torch.Tensor], nn_indices: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        """(H, W) anomaly map of one image on its network input of `size`, from its features {layer: (C, h, w)}."""
+    def stage2(
+        self,
+        features: dict[str, torch.Tensor],
+        nn_indices: np.ndarray,
+        size: tuple[int, int],
+        pixel_threshold: float | None = None,
+        roi: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """(H, W) anomaly map of one image on its network input of `size`, from its features {layer: (C, h, w)}.
+
+        With `pixel_threshold` (the one in force) and `exact_maps` off, the exhaustive search runs only
+        where the map can reach it or the map score's top share of the (H, W) bool `roi` (`refine.py`).
+        """
         cfg = self.config
         scales = self.calibration.layer_scales if cfg.normalize_layers else None
-        distances = self._layer_distances(features, nn_indices)
-        return anomaly_map.combine_layers(distances, size, cfg.layer_combine, cfg.sigma, scales)
+        if cfg.exact_maps or pixel_threshold is None:
+            distances = self._layer_distances(features, nn_indices)
+            return anomaly_map.combine_layers(distances, size, cfg.layer_combine, cfg.sigma, scales)
+        return self.refined_stage2(features, nn_indices, size, pixel_threshold, roi)[0]
+
+    def refined_stage2(
+        self,
+        features: dict[str, torch.Tensor],
+        nn_indices: np.ndarray,
+        size: tuple[int, int],
+        pixel_threshold: float,
+        roi: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """`stage2` searched exhaustively only where it matters (`refine.refined_map`): the (H, W) map
+        and, per layer, the share of its cells searched exhaustively."""
+        cfg = self.config
+        counts, bank, k = cfg.gallery_images(), self.bank, nn_indices[: cfg.k_images]
+        return refine.refined_map(
+            features,
+            {name: bank.gallery(name, nn_indices[: counts[name]]) for name in features},
+            {name: (bank.gallery(name, k), bank.image_rows(name, k)) for name in features},
+            cfg.kappa,
+            size,
+            {
+                "combine": cfg.layer_combine,
+                "sigma": cfg.sigma,
+                "layer_scales": self.calibration.layer_scales if cfg.normalize_layers else None,
+            },
+            pixel_threshold,
+            {"margin": cfg.score_margin, "top": cfg.score_top},
+            roi,
+        )
 
     # ---- predict ------------------------------------------------------------------------------
     def predict(
@@ -364,7 +405,7 @@ class SpadeDetector:
         image_t, pixel_t = self.thresholds(image_threshold, pixel_threshold)
         # two_stage: the recall-calibrated gate filters; knn: the image threshold itself gates.
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
-        knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, progress)
+        knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, pixel_t, progress)
         candidates = knn >= gate
         cfg = self.config
         scores = self.image_scores(knn, map_scores, candidates)
@@ -397,11 +438,11 @@ class SpadeDetector:
         return fuse_scores(knn, map_scores, candidates, stats, fusion or cfg.score_fusion, cfg.map_weight)
 
     def _run_stages(
-        self, images: list[ImageLike], segment: str, gate: float, progress: bool
+        self, images: list[ImageLike], segment: str, gate: float, pixel_threshold: float, progress: bool
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None], list[np.ndarray | None]]:
         """Stage 1 for every image, stage 2 for those `segment` asks for: (N,) stage-1 scores, (N,)
         map scores (NaN where not segmented), the anomaly maps and the inspection regions at each
-        image's own size."""
+        image's own size; the maps are exact where they can reach `pixel_threshold` (`stage2`)."""
         cfg = self.config
         knn, map_scores, maps, rois = [], [], [], []
         for inputs, geometries in self._batches(images, "predict" if progress else None):
@@ -411,8 +452,10 @@ class SpadeDetector:
                 knn.append(scores[i])
                 rois.append(None if self.roi is None else roi_at(self.roi, geometry.height, geometry.width))
                 if segment == "all" or (segment == "auto" and scores[i] >= gate):
-                    input_map = self.stage2(features[i], nn_indices[i], geometry.input_shape)
                     input_roi = self._input_roi(geometry)
+                    input_map = self.stage2(
+                        features[i], nn_indices[i], geometry.input_shape, pixel_threshold, input_roi
+                    )
                     map_scores.append(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top, input_roi))
                     maps.append(geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map))))
                 else:
