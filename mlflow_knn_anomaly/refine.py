@@ -14,7 +14,10 @@ only on the pixels whose value can change what `predict` reports, the same idea 
 3. The exhaustive search then runs on every layer cell that feeds a pixel which "could still
    reach" something reported, on its bound: the pixel threshold in force, or the map score's top
    share (`score_top` of the scored pixels). The map is recombined and the step repeats until no
-   such pixel rests on a bound (at most `MAX_ROUNDS`, then every cell is searched).
+   such pixel rests on a bound. The first `SETTLE` rounds take the bound map's own top share
+   (usually enough); a round after them takes every pixel whose bound reaches the n-th highest
+   exact value known, which settles it in one more (`MAX_ROUNDS` caps the rounds, then every cell
+   is searched).
 
 So the mask, the regions, the map score and the image score are those of the exhaustive search
 (up to float rounding); only map values below both the threshold and the top share keep their
@@ -34,7 +37,8 @@ from .anomaly_map import combine_layers, scored_pixels
 from .knn import pixel_knn
 
 WINDOW = 3  # the neighbourhood, in cells, searched around a pixel's own place in each gallery image
-MAX_ROUNDS = 8  # recombinations before the rest of every layer is searched (2-3 are typical)
+SETTLE = 2  # rounds on the bound map's own top share before settling on the exact values known
+MAX_ROUNDS = 8  # rounds before the rest of every layer is searched (never reached on the shared sets)
 
 
 def window_bounds(fmap: torch.Tensor, gallery: torch.Tensor, image_rows: np.ndarray, kappa: int) -> torch.Tensor | None:
@@ -55,21 +59,26 @@ def window_bounds(fmap: torch.Tensor, gallery: torch.Tensor, image_rows: np.ndar
     c, h, w = fmap.shape
     starts = np.concatenate([[0], np.cumsum(image_rows)])
     same = [i for i, rows in enumerate(image_rows) if rows == h * w]
-    if len(same) * WINDOW * WINDOW < kappa:
+    pad = WINDOW // 2
+    if len(same) * (pad + 1) ** 2 < kappa:  # a corner pixel's window holds (pad + 1)^2 cells per image
         return None
     images = torch.stack([gallery[starts[i] : starts[i] + h * w] for i in same]).view(len(same), h, w, c)
-    pad = WINDOW // 2
-    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad), mode="replicate")  # (n, C, h+2p, w+2p)
+    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad))  # (n, C, h + 2 pad, w + 2 pad)
+    outside = F.pad(torch.zeros(1, h, w, dtype=torch.bool), (pad, pad, pad, pad), value=True)
     query = fmap.float()[None]
-    sq_dist = [
-        (padded[:, :, dy : dy + h, dx : dx + w] - query).pow_(2).sum(dim=1)
-        for dy in range(WINDOW)
-        for dx in range(WINDOW)
-    ]  # each (n, h, w)
-    stacked = torch.cat(sq_dist)
+    sq_dist = torch.cat(
+        [
+            (padded[:, :, dy : dy + h, dx : dx + w] - query)
+            .pow_(2)
+            .sum(dim=1)
+            .masked_fill_(outside[:, dy : dy + h, dx : dx + w], math.inf)
+            for dy in range(WINDOW)
+            for dx in range(WINDOW)
+        ]
+    )  # (9 n, h, w): each gallery feature once
     if kappa == 1:
-        return stacked.amin(dim=0).sqrt_().reshape(-1)
-    return stacked.topk(kappa, dim=0, largest=False).values.sqrt_().mean(dim=0).reshape(-1)
+        return sq_dist.amin(dim=0).sqrt_().reshape(-1)
+    return sq_dist.topk(kappa, dim=0, largest=False).values.sqrt_().mean(dim=0).reshape(-1)
 
 
 def refined_map(
@@ -111,17 +120,20 @@ def refined_map(
             bound[:] = _search(fmap, galleries[name], searched[name], kappa)
         distances[name] = bound.view(1, 1, h, w)
     scored = scored_pixels(size, score["margin"], roi)
-    for rounds in range(MAX_ROUNDS + 1):
+    exact = np.zeros(size, dtype=bool)  # pixels whose every cell has been searched
+    for rounds in range(MAX_ROUNDS + 2):
         input_map = combine_layers(distances, size, **combine)
-        cells = _cells(_reported(input_map, threshold, scored, score["top"]), combine["sigma"], query)
+        reported = _reported(input_map, threshold, scored, score["top"], exact if rounds >= SETTLE else None)
+        cells = _cells(reported, combine["sigma"], query)
         todo = {name: (cells[name] if rounds < MAX_ROUNDS else True) & ~searched[name] for name in query}
         if not any(bool(t.any()) for t in todo.values()):
-            return input_map, {name: float(s.float().mean()) for name, s in searched.items()}
+            break
         for name, cells_todo in todo.items():
             if cells_todo.any():
                 distances[name].view(-1)[cells_todo] = _search(query[name], galleries[name], cells_todo, kappa)
                 searched[name] |= cells_todo
-    raise AssertionError("unreachable: the last round searches every cell")
+        exact |= reported
+    return input_map, {name: float(s.float().mean()) for name, s in searched.items()}
 
 
 def _search(fmap: torch.Tensor, gallery: torch.Tensor, cells: torch.Tensor, kappa: int) -> torch.Tensor:
@@ -131,12 +143,21 @@ def _search(fmap: torch.Tensor, gallery: torch.Tensor, cells: torch.Tensor, kapp
     return pixel_knn(pixels, gallery.to(pixels.device), kappa).cpu()
 
 
-def _reported(input_map: np.ndarray, threshold: float, scored: np.ndarray, top: float) -> np.ndarray:
-    """(H, W) bool: pixels at or past the threshold, and the scored pixels in the map score's top share."""
+def _reported(
+    input_map: np.ndarray, threshold: float, scored: np.ndarray, top: float, exact: np.ndarray | None
+) -> np.ndarray:
+    """(H, W) bool: the pixels that could reach the threshold or the map score's top share, judged on
+    `input_map`, an upper bound of the exact map.
+
+    Without `exact`, the top share is the bound map's own top n pixels. With it, the (H, W) bool
+    pixels where the map is exact: the top share's n pixels score at least the n-th highest exact
+    value known (when n are known), so every pixel whose bound reaches that could be among them."""
     values = input_map[scored]
     n = max(1, round(top * values.size))
-    kth = np.partition(values, values.size - n)[values.size - n]
-    return (input_map >= threshold) | (scored & (input_map >= kth))
+    known = input_map[scored & exact] if exact is not None else values[:0]
+    level_map = known if known.size >= n else values
+    level = np.partition(level_map, level_map.size - n)[level_map.size - n]
+    return (input_map >= threshold) | (scored & (input_map >= level))
 
 
 def _cells(pixels: np.ndarray, sigma: float, query: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
