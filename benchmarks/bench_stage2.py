@@ -6,8 +6,10 @@ In one run, on this machine: the CPU (`lscpu`); per set with masks (bottle, MPDD
 `segment="all"` against `"none"` through the pyfunc (one image per call, decoding and encoding
 included, p50 over the test images, the three calls interleaved per image), and the profile of a
 segmented image by step; on all five sets, the share of each layer's cells that the refined search
-searched exhaustively, on normal and on anomalous test images, and whether it reported what the
-exhaustive search reports (masks, map scores).
+searched exhaustively, on normal and on anomalous test images, whether it reported what the
+exhaustive search reports (masks, map scores), and the image ROCAUC over every test image both ways.
+Refined is `predict(return_maps=False)` (the pyfunc without `return_anomaly_map`); exact is
+`exact_maps=True`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, refine
 from mlflow_knn_anomaly.backbone_specs import BACKBONES
@@ -113,7 +116,7 @@ class Hooks:
 
 def profile(detector: SpadeDetector, paths: list[Path]) -> dict[str, float]:
     """ms per image of each stage-2 step of predict(segment="all"), and of stage 1 (segment="none")."""
-    detector.predict(paths[:1], segment="all")  # warm-up
+    detector.predict(paths[:1], segment="all", return_maps=False)  # warm-up
     hooks, totals = Hooks(detector), defaultdict(float)
     hooks.wrap(anomaly_map, "pixel_knn", hooks.search_step)
     hooks.wrap(refine, "pixel_knn", hooks.search_step)
@@ -126,7 +129,7 @@ def profile(detector: SpadeDetector, paths: list[Path]) -> dict[str, float]:
             start = time.perf_counter()
             detector.predict([path], segment="none")
             middle = time.perf_counter()
-            prediction = detector.predict([path], segment="all")
+            prediction = detector.predict([path], segment="all", return_maps=False)
             end = time.perf_counter()
             encode_mask(prediction.masks[0])
             totals["stage 1 (decode to search)"] += 1000 * (middle - start)
@@ -174,6 +177,19 @@ def shares(detectors: dict[str, SpadeDetector], tests: list) -> tuple[dict[bool,
     return means, {"mask pixels": mask_pixels, "differing": differ, "max map-score difference": score_diff}
 
 
+def image_check(detectors: dict[str, SpadeDetector], tests: list) -> dict[str, float]:
+    """Every test image through predict(segment="auto") without maps, refined and exhaustive: the
+    image ROCAUC of each and the largest score difference."""
+    paths = [s.path for s in tests]
+    labels = np.array([s.is_anomalous for s in tests])
+    scores = {k: d.predict(paths, return_maps=False).scores for k, d in detectors.items()}
+    return {
+        "image ROCAUC refined": float(roc_auc_score(labels, scores["refined"])),
+        "image ROCAUC exact": float(roc_auc_score(labels, scores["exact"])),
+        "max score difference": float(np.max(np.abs(scores["refined"] - scores["exact"]))),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("../shared/data"))
@@ -183,7 +199,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = configure_threads(args.threads)
     lines = [f"CPU: {cpu()}; {threads} threads; torch {torch.__version__}.", ""]
-    timing, profiles, searched = {}, {}, {}
+    timing, profiles, searched, checks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ALL_SETS:
             root = args.root / name
@@ -193,6 +209,8 @@ def main() -> None:
                 [s for s in tests if s.is_anomalous], args.images // 2
             )
             searched[name] = shares(detectors, picked)
+            checks[name] = image_check(detectors, tests)
+            print(name, checks[name], flush=True)
             print(name, searched[name], flush=True)
             if name in TIMED_SETS:
                 paths = [s.path for s in sample(tests, args.images)]
@@ -224,6 +242,12 @@ def main() -> None:
         )
         lines.append(
             f"| {name} | {cells} | {check['differing']} of {check['mask pixels']} | {check['max map-score difference']:.1e} |"
+        )
+    lines += ["", "## Image scores over every test image (segment=\"auto\", no maps)", ""]
+    lines += ["| set | image ROCAUC, exact | image ROCAUC, refined | largest score difference |", "|---|---|---|---|"]
+    for name, c in checks.items():
+        lines.append(
+            f"| {name} | {c['image ROCAUC exact']:.4f} | {c['image ROCAUC refined']:.4f} | {c['max score difference']:.1e} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

@@ -79,11 +79,12 @@ class SpadeConfig:
         score_top: the map-based image score is the mean of the highest `score_top` share of the
             map's pixels inside the margin (0.005: the top half percent); 0 takes the maximum alone,
             which one noisy pixel can decide.
-        exact_maps: search every pixel of every layer exhaustively. False (the default) searches
-            exhaustively only the cells that feed a pixel which could reach the pixel threshold or
-            the map score's top share, judged on an upper bound (`refine.py`), so masks, regions
-            and scores are the same; elsewhere the map keeps the bound, the distance to the best
-            gallery feature at the pixel's own place in each gallery image.
+        exact_maps: search every pixel of every layer exhaustively, always. False (the default):
+            when a prediction returns no anomaly maps (`predict(return_maps=False)`; the pyfunc
+            without `return_anomaly_map`), stage 2 searches exhaustively only the cells that feed a
+            pixel which could reach the pixel threshold or the map score's top share, judged on an
+            upper bound (`refine.py`): masks, regions and scores are the same. A map is exact
+            wherever one is returned.
         image_index: faiss index of stage 1: "flat" (exact), "hnsw" or "ivf".
         bank_dtype: storage dtype of the pixel features.
         holdout_fraction: share of the normal images held out of the bank to calibrate.

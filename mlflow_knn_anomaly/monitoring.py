@@ -68,7 +68,7 @@ def batch_figures(
 ) -> tuple[dict[str, float], list[str], dict]:
     """The figures of one category's batch, why it alerts (empty: it does not), and per-image results."""
     start = time.perf_counter()
-    prediction = detector.predict(images, segment="auto")
+    prediction = detector.predict(images, segment="auto", return_maps=False)
     statistics = detector.image_statistics(images)
     reference = detector.normal_reference()
     normalized = prediction.normalized_scores

@@ -163,6 +163,7 @@ class SpadePyfuncModel:
                 image_threshold=options["image_threshold"],
                 pixel_threshold=options["pixel_threshold"],
                 min_region_area=options["min_region_area"],
+                return_maps=options["return_anomaly_map"],
             )
             for j, i in enumerate(indices):
                 rows[i].update(_row(prediction, j, options["return_anomaly_map"]))

@@ -47,7 +47,8 @@ class Prediction:
         candidates: (N,) bool, whether the stage-1 gate passed the image (what segment="auto" runs).
         knn_scores: (N,) stage-1 scores (the paper's image score).
         map_scores: (N,) the anomaly-map image score where segmented, NaN elsewhere.
-        anomaly_maps: per image, an (H_i, W_i) float32 anomaly map at the image's own size, or None.
+        anomaly_maps: per image, an (H_i, W_i) float32 anomaly map at the image's own size, or None
+            (not segmented, or `return_maps=False`).
         masks: per image, an (H_i, W_i) bool mask (map >= pixel threshold, regions smaller than
             `min_region_area` dropped), or None.
         regions: per image, its defect regions (`regions.Region`, highest peak first), or None.
@@ -388,6 +389,7 @@ class SpadeDetector:
         pixel_threshold: float | None = None,
         progress: bool = False,
         min_region_area: float | None = None,
+        return_maps: bool = True,
     ) -> Prediction:
         """Score images and segment those that need it.
 
@@ -398,6 +400,9 @@ class SpadeDetector:
             pixel_threshold: overrides the config's or the calibrated pixel threshold.
             progress: a progress bar on a terminal.
             min_region_area: overrides the config's (see `SpadeConfig.min_region_area`).
+            return_maps: return the anomaly maps. Without them (and with `exact_maps` off), stage 2
+                searches exhaustively only where a mask, a region or a score depends on it
+                (`refine.py`); with them, every pixel, so that a map is exact wherever it is returned.
         """
         if self.calibration is None:
             raise RuntimeError("the detector is not fitted: call fit(normal_images) or SpadeDetector.load(path).")
@@ -405,7 +410,8 @@ class SpadeDetector:
         image_t, pixel_t = self.thresholds(image_threshold, pixel_threshold)
         # two_stage: the recall-calibrated gate filters; knn: the image threshold itself gates.
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
-        knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, pixel_t, progress)
+        refine_at = None if return_maps or self.config.exact_maps else pixel_t
+        knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, refine_at, progress)
         candidates = knn >= gate
         cfg = self.config
         scores = self.image_scores(knn, map_scores, candidates)
@@ -419,7 +425,7 @@ class SpadeDetector:
             candidates=candidates,
             knn_scores=knn.astype(np.float64),
             map_scores=map_scores,
-            anomaly_maps=maps,
+            anomaly_maps=maps if return_maps else [None] * len(maps),
             masks=[None if f is None else f[1] for f in found],
             regions=[None if f is None else f[0] for f in found],
             rois=rois,
@@ -438,11 +444,12 @@ class SpadeDetector:
         return fuse_scores(knn, map_scores, candidates, stats, fusion or cfg.score_fusion, cfg.map_weight)
 
     def _run_stages(
-        self, images: list[ImageLike], segment: str, gate: float, pixel_threshold: float, progress: bool
+        self, images: list[ImageLike], segment: str, gate: float, refine_at: float | None, progress: bool
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray | None], list[np.ndarray | None]]:
         """Stage 1 for every image, stage 2 for those `segment` asks for: (N,) stage-1 scores, (N,)
         map scores (NaN where not segmented), the anomaly maps and the inspection regions at each
-        image's own size; the maps are exact where they can reach `pixel_threshold` (`stage2`)."""
+        image's own size. With `refine_at`, a pixel threshold, the maps are exact only where they
+        can reach it or the map score's top share (`stage2`)."""
         cfg = self.config
         knn, map_scores, maps, rois = [], [], [], []
         for inputs, geometries in self._batches(images, "predict" if progress else None):
@@ -454,7 +461,7 @@ class SpadeDetector:
                 if segment == "all" or (segment == "auto" and scores[i] >= gate):
                     input_roi = self._input_roi(geometry)
                     input_map = self.stage2(
-                        features[i], nn_indices[i], geometry.input_shape, pixel_threshold, input_roi
+                        features[i], nn_indices[i], geometry.input_shape, refine_at, input_roi
                     )
                     map_scores.append(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top, input_roi))
                     maps.append(geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map))))

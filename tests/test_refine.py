@@ -56,21 +56,46 @@ def pair(synthetic_root):
 
 
 @pytest.mark.parametrize("pixel_threshold", [None, 0.5])  # the calibrated one, and a low override
-def test_refined_predictions_report_what_the_exhaustive_search_reports(pair, synthetic_root, pixel_threshold):
+def test_without_maps_predict_reports_what_the_exhaustive_search_reports(pair, synthetic_root, pixel_threshold):
     refined, exact = pair
     paths = [s.path for s in read_test(synthetic_root)][::3]  # normal and anomalous images
-    threshold = pixel_threshold or refined.calibration.pixel_threshold
-    a = refined.predict(paths, segment="all", pixel_threshold=pixel_threshold)
+    a = refined.predict(paths, segment="all", pixel_threshold=pixel_threshold, return_maps=False)
     b = exact.predict(paths, segment="all", pixel_threshold=pixel_threshold)
+    threshold = pixel_threshold or refined.calibration.pixel_threshold
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
     np.testing.assert_array_equal(a.is_anomalous, b.is_anomalous)
-    for map_a, map_b, mask_a, mask_b in zip(a.anomaly_maps, b.anomaly_maps, a.masks, b.masks):
+    assert all(m is None for m in a.anomaly_maps)
+    for mask_a, mask_b, map_b in zip(a.masks, b.masks, b.anomaly_maps):
         clear = np.abs(map_b - threshold) > 1e-4 * threshold  # not on the threshold within float rounding
         np.testing.assert_array_equal(mask_a[clear], mask_b[clear])
-        reached = map_b >= threshold
-        np.testing.assert_allclose(map_a[reached], map_b[reached], rtol=1e-4)
-        assert (map_a >= map_b - 1e-3 * threshold).all()  # elsewhere a bound, from above
-    assert [len(r) for r in a.regions] == [len(r) for r in b.regions]
+    assert [[(r.x, r.y, r.width, r.height) for r in x] for x in a.regions] == [
+        [(r.x, r.y, r.width, r.height) for r in x] for x in b.regions
+    ]
+
+
+def test_the_refined_map_is_exact_where_it_reaches_the_threshold_and_a_bound_elsewhere(pair, synthetic_root):
+    refined, exact = pair
+    threshold = 0.5 * refined.calibration.pixel_threshold  # low: the maps reach it over large areas
+    for sample in read_test(synthetic_root)[::3]:
+        inputs, geometries = refined._prepare([sample.path])
+        pooled, features = refined.extract(inputs)
+        _, nn_indices = refined.stage1(pooled)
+        size = geometries[0].input_shape
+        bounded, _ = refined.refined_stage2(features[0], nn_indices[0], size, threshold)
+        full = exact.stage2(features[0], nn_indices[0], size)
+        reached = full >= threshold
+        np.testing.assert_allclose(bounded[reached], full[reached], rtol=1e-4)
+        assert (bounded >= full - 1e-3 * threshold).all()
+
+
+def test_a_returned_map_is_always_exact(pair, synthetic_root, monkeypatch):
+    refined, exact = pair
+    from mlflow_knn_anomaly import refine
+
+    path = read_test(synthetic_root)[-1].path
+    expected = exact.predict([path], segment="all").anomaly_maps[0]
+    monkeypatch.setattr(refine, "refined_map", lambda *a, **k: pytest.fail("a returned map must be searched whole"))
+    np.testing.assert_array_equal(refined.predict([path], segment="all").anomaly_maps[0], expected)
 
 
 def test_a_normal_image_skips_most_of_the_exhaustive_search(pair, synthetic_root):
@@ -90,4 +115,4 @@ def test_exact_maps_searches_every_pixel(pair, synthetic_root, monkeypatch):
     from mlflow_knn_anomaly import refine
 
     monkeypatch.setattr(refine, "refined_map", lambda *a, **k: pytest.fail("exact_maps=True must not refine"))
-    exact.predict([read_test(synthetic_root)[0].path], segment="all")
+    exact.predict([read_test(synthetic_root)[0].path], segment="all", return_maps=False)
