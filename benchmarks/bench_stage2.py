@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import os
 import subprocess
 import tempfile
 import time
@@ -32,7 +33,7 @@ from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, refine
 from mlflow_knn_anomaly.backbone_specs import BACKBONES
 from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.pyfunc_model import encode_mask, save_model
-from mlflow_knn_anomaly.runtime import configure_threads
+from mlflow_knn_anomaly.runtime import THREADS_ENV, configure_threads
 
 TIMED_SETS = ("mvtec_bottle", "mpdd_metal_plate")
 ALL_SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")
@@ -198,6 +199,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     threads = configure_threads(args.threads)
+    os.environ[THREADS_ENV] = str(threads)  # the pyfunc's loader would size threads by the load average
     lines = [f"CPU: {cpu()}; {threads} threads; torch {torch.__version__}.", ""]
     timing, profiles, searched, checks = {}, {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:

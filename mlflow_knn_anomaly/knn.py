@@ -6,7 +6,9 @@ paper means a distance.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 
 import faiss
 import numpy as np
@@ -14,11 +16,17 @@ import torch
 
 from .config import IMAGE_INDEXES
 
-# Query rows per GEMM block. 128 rows ran fastest (or within noise of it) at every layer of the
-# Lite0 and WideResNet-50-2 pyramids on 1 and 2 threads (galleries of 12k-20k rows, 24-1024
-# channels; docs/results/speed.md, "Stage 2 on the CPU"): thinner blocks starve the GEMM, taller
-# ones spill the distance block out of cache.
-QUERY_ROWS = 128
+# How pixel_knn blocks its GEMM: (query rows, gallery rows) per block, 0 meaning the whole gallery.
+# Which is fastest depends on the CPU and on the layer's shape: whole-gallery blocks of 128 queries
+# feed the GEMM best, but their (128, M) distance block falls out of cache; a block of 512 x 1024
+# stays in it, at the price of more, smaller products. On this project's AMD EPYC (2 threads, a
+# busy host) the 512 x 1024 blocks searched the stride-4 and stride-8 layers 2.6x and 2x faster
+# and the stride-32 layer 1.3x slower (docs/results/speed.md), so the choice is measured per shape
+# on the machine that runs it (`block_shape`), once per process, and logged.
+BLOCKS = ((128, 0), (512, 1024))
+QUERY_ROWS = 128  # query rows per block of the whole-gallery kernel
+_chosen: dict[tuple, tuple[int, int]] = {}
+_logger = logging.getLogger(__name__)
 
 
 class ImageIndex:
@@ -66,36 +74,93 @@ class ImageIndex:
         return np.maximum(sq_dist, 0.0), nn_indices
 
 
-def pixel_knn(query: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:
+class PixelGallery:
+    """A gallery prepared once for several `pixel_knn` calls: its (M, C) features with their squared
+    norms as an extra column, (M, C + 1)."""
+
+    def __init__(self, gallery: torch.Tensor) -> None:
+        self.extended = torch.cat([gallery, gallery.pow(2).sum(dim=1, keepdim=True)], dim=1)
+
+    def __len__(self) -> int:
+        return self.extended.shape[0]
+
+
+def pixel_knn(
+    query: torch.Tensor, gallery: torch.Tensor | PixelGallery, kappa: int, block: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Mean distance of each query feature to its `kappa` nearest gallery features (exact).
 
-    Squared distances are ||q||^2 + ||g||^2 - 2 q.g. One GEMM per block of queries gives the last
-    two terms at once: each gallery row gains its squared norm as an extra column and each query
-    row a matching 1 (so no pass adds the norms to the block). The gallery is never split, so no
-    remainder is dropped and memory stays bounded; ||q||^2 is constant along a row, so it is added
-    after the min.
+    Squared distances are ||q||^2 + ||g||^2 - 2 q.g. One GEMM per block gives the last two terms
+    at once: each gallery row gains its squared norm as an extra column and each query row a
+    matching 1 (so no pass adds the norms to the block). Blocks cover every query and gallery row,
+    so no remainder is dropped and memory stays bounded; ||q||^2 is constant along a row, so it is
+    added after the min.
 
     Args:
         query: (P, C) float32 query pixel features.
-        gallery: (M, C) float32 gallery pixel features.
+        gallery: (M, C) float32 gallery pixel features, or a `PixelGallery` of them.
         kappa: neighbours averaged (kappa=1 in the paper).
+        block: (query rows, gallery rows; 0 for all) per GEMM block; None: `block_shape`'s choice.
 
     Returns:
         (P,) float32 mean L2 distances.
     """
-    if kappa > gallery.shape[0]:
-        raise ValueError(f"kappa={kappa} exceeds the {gallery.shape[0]} gallery features.")
+    gallery_ext = (gallery if isinstance(gallery, PixelGallery) else PixelGallery(gallery)).extended
+    m = gallery_ext.shape[0]
+    if kappa > m:
+        raise ValueError(f"kappa={kappa} exceeds the {m} gallery features.")
+    rows, cols = block or block_shape(query.shape[0], m, query.shape[1], query.device)
+    rows = QUERY_ROWS if cols == 0 else rows
+    cols = cols or m
     ones = torch.ones(query.shape[0], 1, dtype=query.dtype, device=query.device)
     query_ext = torch.cat([query * -2.0, ones], dim=1)
-    gallery_ext = torch.cat([gallery, gallery.pow(2).sum(dim=1, keepdim=True)], dim=1)
+    tiles = [gallery_ext[start : start + cols].t() for start in range(0, gallery_ext.shape[0], cols)]
     q_sq = query.pow(2).sum(dim=1, keepdim=True)
     out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
-    for start in range(0, query.shape[0], QUERY_ROWS):
-        rows = slice(start, start + QUERY_ROWS)
-        partial = query_ext[rows] @ gallery_ext.t()  # ||g||^2 - 2 q.g
-        if kappa == 1:
-            nearest = partial.amin(dim=1, keepdim=True)
-        else:
-            nearest = partial.topk(kappa, dim=1, largest=False).values
-        out[rows] = (nearest + q_sq[rows]).clamp_min_(0.0).sqrt_().mean(dim=1)
+    for start in range(0, query.shape[0], rows):
+        block_rows = query_ext[start : start + rows]
+        nearest = None
+        for tile in tiles:
+            partial = block_rows @ tile  # ||g||^2 - 2 q.g
+            if kappa == 1:
+                best = partial.amin(dim=1, keepdim=True)
+                nearest = best if nearest is None else torch.minimum(nearest, best, out=nearest)
+            else:
+                best = partial.topk(min(kappa, partial.shape[1]), dim=1, largest=False).values
+                both = best if nearest is None else torch.cat([nearest, best], dim=1)
+                nearest = both.topk(min(kappa, both.shape[1]), dim=1, largest=False).values
+        out[start : start + rows] = (nearest + q_sq[start : start + rows]).clamp_min_(0.0).sqrt_().mean(dim=1)
     return out
+
+
+def block_shape(p: int, m: int, c: int, device: torch.device) -> tuple[int, int]:
+    """The fastest of BLOCKS for a (P, C) query against an (M, C) gallery on `device`, measured on
+    random features of that shape (sizes rounded up to powers of two) the first time it is asked."""
+    key = (1 << max(0, p - 1).bit_length(), 1 << max(0, m - 1).bit_length(), c, device.type, torch.get_num_threads())
+    if key not in _chosen:
+        if p * m < 1 << 22:  # a small search: not worth measuring
+            _chosen[key] = BLOCKS[0]
+        else:
+            generator = torch.Generator().manual_seed(0)
+            query = torch.rand(min(p, 2048), c, generator=generator).to(device)
+            gallery = torch.rand(m, c, generator=generator).to(device)
+            seconds = {block: _best_time(query, gallery, block) for block in BLOCKS}
+            _chosen[key] = min(seconds, key=seconds.get)
+            _logger.info(
+                "pixel kNN of %d x %d x %d on %s: blocks %s (%s)", p, m, c, device.type, _chosen[key],
+                ", ".join(f"{b}: {1000 * t:.1f} ms" for b, t in seconds.items()),
+            )  # fmt: skip
+    return _chosen[key]
+
+
+def _best_time(query: torch.Tensor, gallery: torch.Tensor, block: tuple[int, int]) -> float:
+    """Best of three timed runs after a warm-up."""
+    times = []
+    for run in range(4):
+        start = time.perf_counter()
+        pixel_knn(query, gallery, 1, block)
+        if query.device.type == "cuda":
+            torch.cuda.synchronize()
+        if run:
+            times.append(time.perf_counter() - start)
+    return min(times)

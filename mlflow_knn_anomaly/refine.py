@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .anomaly_map import combine_layers, scored_pixels
-from .knn import pixel_knn
+from .knn import PixelGallery, pixel_knn
 
 WINDOW = 3  # the neighbourhood, in cells, searched around a pixel's own place in each gallery image
 SETTLE = 2  # rounds on the bound map's own top share before settling on the exact values known
@@ -63,14 +63,14 @@ def window_bounds(fmap: torch.Tensor, gallery: torch.Tensor, image_rows: np.ndar
     if len(same) * (pad + 1) ** 2 < kappa:  # a corner pixel's window holds (pad + 1)^2 cells per image
         return None
     images = torch.stack([gallery[starts[i] : starts[i] + h * w] for i in same]).view(len(same), h, w, c)
-    padded = F.pad(images.permute(0, 3, 1, 2), (pad, pad, pad, pad))  # (n, C, h + 2 pad, w + 2 pad)
-    outside = F.pad(torch.zeros(1, h, w, dtype=torch.bool), (pad, pad, pad, pad), value=True)
-    query = fmap.float()[None]
+    padded = F.pad(images, (0, 0, pad, pad, pad, pad))  # (n, h + 2 pad, w + 2 pad, C), channels last
+    outside = F.pad(torch.zeros(1, h, w, dtype=torch.bool, device=fmap.device), (pad, pad, pad, pad), value=True)
+    query = fmap.float().permute(1, 2, 0)  # (h, w, C)
     sq_dist = torch.cat(
         [
-            (padded[:, :, dy : dy + h, dx : dx + w] - query)
+            (padded[:, dy : dy + h, dx : dx + w] - query)
             .pow_(2)
-            .sum(dim=1)
+            .sum(dim=-1)
             .masked_fill_(outside[:, dy : dy + h, dx : dx + w], math.inf)
             for dy in range(WINDOW)
             for dx in range(WINDOW)
@@ -110,9 +110,13 @@ def refined_map(
         The map, and per layer the share of its cells searched exhaustively.
     """
     distances, searched = {}, {}
+    device = next(iter(query.values())).device  # the search's; the bounds and the map live on the host
+    galleries = {name: PixelGallery(gallery.to(device)) for name, gallery in galleries.items()}
     for name, fmap in query.items():
         c, h, w = fmap.shape
-        bound = window_bounds(fmap, *windows[name], kappa)
+        features, rows = windows[name]
+        bound = window_bounds(fmap, features.to(device), rows, kappa)
+        bound = None if bound is None else bound.cpu()
         searched[name] = torch.zeros(h * w, dtype=torch.bool)
         if bound is None:  # nothing to bound it with: search the layer whole
             bound = torch.empty(h * w)
@@ -136,11 +140,11 @@ def refined_map(
     return input_map, {name: float(s.float().mean()) for name, s in searched.items()}
 
 
-def _search(fmap: torch.Tensor, gallery: torch.Tensor, cells: torch.Tensor, kappa: int) -> torch.Tensor:
+def _search(fmap: torch.Tensor, gallery: PixelGallery, cells: torch.Tensor, kappa: int) -> torch.Tensor:
     """Exhaustive kNN distances of the (h * w,) bool `cells` of `fmap` (C, h, w)."""
     c = fmap.shape[0]
     pixels = fmap.float().permute(1, 2, 0).reshape(-1, c)[cells.to(fmap.device)]
-    return pixel_knn(pixels, gallery.to(pixels.device), kappa).cpu()
+    return pixel_knn(pixels, gallery, kappa).cpu()
 
 
 def _reported(

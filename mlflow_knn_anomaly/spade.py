@@ -363,11 +363,14 @@ class SpadeDetector:
         """`stage2` searched exhaustively only where it matters (`refine.refined_map`): the (H, W) map
         and, per layer, the share of its cells searched exhaustively."""
         cfg = self.config
-        counts, bank, k = cfg.gallery_images(), self.bank, nn_indices[: cfg.k_images]
+        counts, bank = cfg.gallery_images(), self.bank
+        galleries = {name: bank.gallery(name, nn_indices[: counts[name]]) for name in features}
+        windows = {name: _nearest_images(bank, name, galleries[name], nn_indices[: counts[name]], cfg.k_images)
+                   for name in features}  # fmt: skip
         return refine.refined_map(
             features,
-            {name: bank.gallery(name, nn_indices[: counts[name]]) for name in features},
-            {name: (bank.gallery(name, k), bank.image_rows(name, k)) for name in features},
+            galleries,
+            windows,
             cfg.kappa,
             size,
             {
@@ -511,6 +514,20 @@ class SpadeDetector:
         detector.holdout = saved.holdout
         detector.roi = saved.roi
         return detector
+
+
+def _nearest_images(
+    bank: FeatureBank, layer: str, gallery: torch.Tensor, nn_indices: np.ndarray, k: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """The rows of `gallery` (`bank.gallery(layer, nn_indices)`: images in index order) that belong
+    to the first k of `nn_indices` (the nearest), and each of those images' row count."""
+    rows = bank.image_rows(layer, nn_indices)
+    if k >= len(nn_indices):
+        return gallery, rows
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    positions = np.sort(np.searchsorted(np.sort(nn_indices), nn_indices[:k]))
+    index = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in positions])
+    return gallery[torch.from_numpy(index)], rows[positions]
 
 
 def fuse_scores(

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from mlflow_knn_anomaly import tuning
 from mlflow_knn_anomaly.datasets import make_synthetic
@@ -70,3 +71,27 @@ def test_ties_go_to_the_faster_candidate():
 def test_the_objective_weighs_aupro_and_image_auroc_alike_with_masks():
     assert tuning.objective({"image_auroc": 0.9, "aupro": 0.7}) == pytest.approx(0.8)
     assert tuning.objective({"image_auroc": 0.9}) == 0.9
+
+
+def test_resampled_pixel_auroc_equals_the_auroc_of_the_resampled_pixels():
+    rng = np.random.default_rng(3)
+    maps = [np.round(rng.random((8, 8)), 1) for _ in range(5)]  # rounded: ties across images
+    masks = [rng.random((8, 8)) < 0.2 for _ in range(5)]
+    pick = np.array([0, 0, 2, 3, 3, 3, 4])
+    expected = roc_auc_score(np.concatenate([masks[i].ravel() for i in pick]),
+                             np.concatenate([maps[i].ravel() for i in pick]))  # fmt: skip
+    ranks = tuning.PixelRanks(maps, masks)
+    assert ranks.auroc(np.bincount(pick, minlength=5)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_candidate_that_loses_a_metric_does_not_win():
+    default = {"image_auroc": 0.97, "pixel_auroc": 0.86, "aupro": 0.80}
+    better_objective = {"image_auroc": 0.962, "pixel_auroc": 0.85, "aupro": 0.82}  # Magnetic Tile's case
+    assert tuning.objective(better_objective) > tuning.objective(default)
+    assert not tuning.beats(better_objective, default)
+    assert tuning.beats({"image_auroc": 0.968, "pixel_auroc": 0.858, "aupro": 0.82}, default)
+    scored = [tuning.Scored({"resize": 256}, default, None), tuning.Scored({"resize": 384}, better_objective, None)]
+    scored[1].win_rate = 1.0
+    choice = tuning.choose(scored, 0.9, {"validation_defects": 10, "validation_normal": 10}, 5)
+    assert choice.settings == {"resize": 256}
+    assert "image_auroc, pixel_auroc" in choice.reason
