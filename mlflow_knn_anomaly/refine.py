@@ -3,7 +3,8 @@
 SPADE spends pixel work only on the images that stage 1 flags; this spends the exhaustive pixel kNN
 only on the pixels whose value can change what `predict` reports, the same idea one level down.
 
-1. A cheap pass bounds every pixel's kNN distance from above: its exact distance to the gallery
+1. A cheap pass bounds every pixel's kNN distance from above (on layers of `MIN_CELLS` cells or
+   more; a smaller one is searched whole): its exact distance to the gallery
    features at its own place (a `WINDOW` x `WINDOW` neighbourhood) in each of the `k_images`
    nearest normal images (those of its size). Any gallery feature's distance bounds the nearest
    one's, so this holds for every image; it is tight where parts sit where the fixture holds them,
@@ -37,6 +38,7 @@ from .anomaly_map import combine_layers, scored_pixels
 from .knn import PixelGallery, pixel_knn
 
 WINDOW = 3  # the neighbourhood, in cells, searched around a pixel's own place in each gallery image
+MIN_CELLS = 256  # a layer of fewer cells is searched whole: cheap, and most of it is needed anyway
 SETTLE = 2  # rounds on the bound map's own top share before settling on the exact values known
 MAX_ROUNDS = 8  # rounds before the rest of every layer is searched (never reached on the shared sets)
 
@@ -115,10 +117,10 @@ def refined_map(
     for name, fmap in query.items():
         c, h, w = fmap.shape
         features, rows = windows[name]
-        bound = window_bounds(fmap, features.to(device), rows, kappa)
+        bound = window_bounds(fmap, features.to(device), rows, kappa) if h * w >= MIN_CELLS else None
         bound = None if bound is None else bound.cpu()
         searched[name] = torch.zeros(h * w, dtype=torch.bool)
-        if bound is None:  # nothing to bound it with: search the layer whole
+        if bound is None:  # a small layer, or nothing to bound it with: search it whole
             bound = torch.empty(h * w)
             searched[name][:] = True
             bound[:] = _search(fmap, galleries[name], searched[name], kappa)

@@ -144,8 +144,8 @@ def _tune_category(
     counts = split.counts()
     both = counts["validation_defects"] > 0 and counts["validation_normal"] > 0
     built: dict[tuple, tuple[SpadeDetector, tuning.Outputs | None, float]] = {}
-    scored = []
-    for candidate_settings in tuning.candidates({name: getattr(config, name) for name in tuning.GRID}):
+
+    def score(candidate_settings: dict) -> tuning.Scored:
         key = tuning.feature_key(candidate_settings)
         if key not in built:
             shared.keep_only(candidate_settings["resize"])
@@ -156,12 +156,14 @@ def _tune_category(
             built[key] = (detector, outputs, seconds)
         detector, outputs, seconds = built[key]
         if outputs is None:  # no defect (or no normal image) to validate on: nothing to compare
-            scored.append(tuning.Scored(candidate_settings, {}, np.zeros(0), None, seconds))
-            continue
+            return tuning.Scored(candidate_settings, {}, np.zeros(0), None, seconds)
         scores = tuning.image_scores(detector, outputs, candidate_settings["score_fusion"])
         small = None if outputs.maps is None else tuning.small(outputs.maps)
-        figures = tuning.validation_figures(outputs, scores)
-        scored.append(tuning.Scored(candidate_settings, figures, scores, small, seconds))
+        return tuning.Scored(candidate_settings, tuning.validation_figures(outputs, scores), scores, small, seconds)
+
+    base = {name: getattr(config, name) for name in tuning.GRID}
+    scored = [score(c) for c in tuning.first_stage(base)]
+    scored += [score(c) for c in tuning.second_stage(base, scored)]
     if counts["validation_defects"] >= min_images and counts["validation_normal"] >= min_images:
         outputs = built[tuning.feature_key(scored[0].settings)][1]
         masks = None if outputs.masks is None else tuning.small_masks(outputs.masks)

@@ -90,6 +90,21 @@ def candidates(base: dict | None = None, grid: dict[str, tuple] | None = None) -
     return out
 
 
+def first_stage(base: dict) -> list[dict]:
+    """The candidates at the team's own input size: every pooling and fusion, the default first."""
+    return [c for c in candidates(base) if c["resize"] == base["resize"]]
+
+
+def second_stage(base: dict, first: list[Scored]) -> list[dict]:
+    """The other input sizes, with the pooling that did best at the team's size (the best of those
+    that `beat` the default on the validation split; else the default's), so that each size costs
+    one build instead of one per pooling."""
+    default = first[0]
+    better = [s for s in first[1:] if s.figures and beats(s.figures, default.figures)]
+    pool = max(better, key=lambda s: objective(s.figures)).settings["feature_pool"] if better else base["feature_pool"]
+    return [c for c in candidates(base) if c["resize"] != base["resize"] and c["feature_pool"] == pool]
+
+
 def feature_key(settings: dict) -> tuple:
     """The settings that need a build of their own (the others are read off the same maps)."""
     return tuple(settings[k] for k in ("resize", "feature_pool") if k in settings)

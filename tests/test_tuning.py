@@ -95,3 +95,16 @@ def test_a_candidate_that_loses_a_metric_does_not_win():
     choice = tuning.choose(scored, 0.9, {"validation_defects": 10, "validation_normal": 10}, 5)
     assert choice.settings == {"resize": 256}
     assert "image_auroc, pixel_auroc" in choice.reason
+
+
+def test_the_larger_input_is_tried_with_the_pooling_the_default_size_preferred():
+    base = {"resize": 256, "feature_pool": 3, "score_fusion": "mean"}
+    first = tuning.first_stage(base)
+    assert [c["resize"] for c in first] == [256] * 4 and first[0] == base
+    figures = {"image_auroc": 0.9, "aupro": 0.8}
+    scored = [tuning.Scored(c, dict(figures), None) for c in first]
+    assert {c["feature_pool"] for c in tuning.second_stage(base, scored)} == {3}  # nothing beat the default
+    pool1 = next(s for s in scored if s.settings["feature_pool"] == 1)
+    pool1.figures = {"image_auroc": 0.92, "aupro": 0.81}
+    second = tuning.second_stage(base, scored)
+    assert {(c["resize"], c["feature_pool"]) for c in second} == {(384, 1)} and len(second) == 2
