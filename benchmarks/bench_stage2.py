@@ -4,7 +4,8 @@
 
 In one run, on this machine: the CPU (`lscpu`); per set with masks (bottle, MPDD metal_plate),
 `segment="all"` against `"none"` through the pyfunc (one image per call, decoding and encoding
-included, p50 over the test images, the three calls interleaved per image), and the profile of a
+included, p50 over the test images, the calls interleaved per image; "0.4.0" is that release's
+stage 2: every pixel searched in whole-gallery blocks), and the profile of a
 segmented image by step; on all five sets, the share of each layer's cells that the refined search
 searched exhaustively, on normal and on anomalous test images, whether it reported what the
 exhaustive search reports (masks, map scores), and the image ROCAUC over every test image both ways.
@@ -18,6 +19,8 @@ import argparse
 import base64
 import os
 import subprocess
+import sys
+from contextlib import contextmanager
 import tempfile
 import time
 from collections import defaultdict
@@ -60,6 +63,19 @@ def both(detector: SpadeDetector) -> dict[str, SpadeDetector]:
     return {"refined": detector, "exact": exact}
 
 
+@contextmanager
+def whole_gallery_blocks(on: bool):
+    """0.4.0's kernel: every pixel searched (exact_maps) in whole-gallery blocks of 128 queries."""
+    module = sys.modules["mlflow_knn_anomaly.knn"]  # the one the loaded pyfunc calls
+    real = module.block_shape
+    if on:
+        module.block_shape = lambda *args: (module.QUERY_ROWS, 0)
+    try:
+        yield
+    finally:
+        module.block_shape = real
+
+
 def pyfunc_ratios(detectors: dict[str, SpadeDetector], paths: list[Path], tmp: Path) -> dict[str, float]:
     """p50 ms per call of segment="none" and of "all" with each stage 2, through the loaded pyfunc."""
     models = {}
@@ -67,19 +83,22 @@ def pyfunc_ratios(detectors: dict[str, SpadeDetector], paths: list[Path], tmp: P
         save_model(detector, tmp / name)
         models[name] = mlflow.pyfunc.load_model(str(tmp / name))
     calls = {
-        "none": (models["refined"], "none"),
-        "all, exact": (models["exact"], "all"),
-        "all, refined": (models["refined"], "all"),
+        "none": (models["refined"], "none", False),
+        "all, 0.4.0": (models["exact"], "all", True),
+        "all, exact": (models["exact"], "all", False),
+        "all, refined": (models["refined"], "all", False),
     }
     ms = defaultdict(list)
     frames = [pd.DataFrame({"image": [base64.b64encode(p.read_bytes()).decode()]}) for p in paths]
-    for model, segment in calls.values():
-        model.predict(frames[0], params={"segment": segment})  # warm-up
+    for model, segment, old in calls.values():
+        with whole_gallery_blocks(old):
+            model.predict(frames[0], params={"segment": segment})  # warm-up
     for frame in frames:
-        for key, (model, segment) in calls.items():
-            start = time.perf_counter()
-            model.predict(frame, params={"segment": segment})
-            ms[key].append(1000 * (time.perf_counter() - start))
+        for key, (model, segment, old) in calls.items():
+            with whole_gallery_blocks(old):
+                start = time.perf_counter()
+                model.predict(frame, params={"segment": segment})
+                ms[key].append(1000 * (time.perf_counter() - start))
     return {key: float(np.median(v)) for key, v in ms.items()}
 
 
@@ -217,21 +236,25 @@ def main() -> None:
             if name in TIMED_SETS:
                 paths = [s.path for s in sample(tests, args.images)]
                 timing[name] = pyfunc_ratios(detectors, paths, Path(tmp) / name)
-                profiles[name] = {key: profile(d, paths[: args.images // 2]) for key, d in detectors.items()}
+                with whole_gallery_blocks(True):
+                    profiles[name] = {"0.4.0": profile(detectors["exact"], paths[: args.images // 2])}
+                profiles[name].update({key: profile(detectors[key], paths[: args.images // 2]) for key in ("exact", "refined")})
                 print(name, timing[name], flush=True)
     lines += ["## segment=\"all\" against \"none\" through the pyfunc (p50 ms per call)", ""]
-    lines += ["| set | none | all, exact | all, refined | exact / none | refined / none |", "|---|---|---|---|---|---|"]
+    lines += ["| set | none | all, 0.4.0 | all, exact | all, refined | 0.4.0 / none | exact / none | refined / none |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
     for name, t in timing.items():
         lines.append(
-            f"| {name} | {t['none']:.1f} | {t['all, exact']:.1f} | {t['all, refined']:.1f} | "
-            f"{t['all, exact'] / t['none']:.2f}x | {t['all, refined'] / t['none']:.2f}x |"
+            f"| {name} | {t['none']:.1f} | {t['all, 0.4.0']:.1f} | {t['all, exact']:.1f} | {t['all, refined']:.1f} | "
+            f"{t['all, 0.4.0'] / t['none']:.2f}x | {t['all, exact'] / t['none']:.2f}x | {t['all, refined'] / t['none']:.2f}x |"
         )
     lines += ["", "## Profile of a segmented image (ms/image)", ""]
     keys = list(dict.fromkeys(k for p in profiles.values() for d in p.values() for k in d))
-    header = " | ".join(f"{name} {kind}" for name in profiles for kind in ("exact", "refined"))
-    lines += [f"| step | {header} |", "|---" * (1 + 2 * len(profiles)) + "|"]
+    kinds = ("0.4.0", "exact", "refined")
+    header = " | ".join(f"{name} {kind}" for name in profiles for kind in kinds)
+    lines += [f"| step | {header} |", "|---" * (1 + len(kinds) * len(profiles)) + "|"]
     for key in keys:
-        cells = " | ".join(f"{profiles[n][k].get(key, 0.0):.1f}" for n in profiles for k in ("exact", "refined"))
+        cells = " | ".join(f"{profiles[n][k].get(key, 0.0):.1f}" for n in profiles for k in kinds)
         lines.append(f"| {key} | {cells} |")
     lines += ["", "## Share of cells searched exhaustively (refined), normal / anomalous test images", ""]
     layers = SpadeConfig().pyramid

@@ -79,7 +79,10 @@ class PixelGallery:
     norms as an extra column, (M, C + 1)."""
 
     def __init__(self, gallery: torch.Tensor) -> None:
-        self.extended = torch.cat([gallery, gallery.pow(2).sum(dim=1, keepdim=True)], dim=1)
+        m, c = gallery.shape
+        self.extended = torch.empty(m, c + 1, dtype=gallery.dtype, device=gallery.device)
+        self.extended[:, :c] = gallery
+        torch.linalg.vector_norm(gallery, dim=1, out=self.extended[:, c]).pow_(2)
 
     def __len__(self) -> int:
         return self.extended.shape[0]
@@ -135,14 +138,15 @@ def pixel_knn(
 
 def block_shape(p: int, m: int, c: int, device: torch.device) -> tuple[int, int]:
     """The fastest of BLOCKS for a (P, C) query against an (M, C) gallery on `device`, measured on
-    random features of that shape (sizes rounded up to powers of two) the first time it is asked."""
-    key = (1 << max(0, p - 1).bit_length(), 1 << max(0, m - 1).bit_length(), c, device.type, torch.get_num_threads())
+    random features of about that shape (M rounded up to a power of two) the first time it is asked."""
+    # Query counts of 512 and more share a choice (measured at 2048 or fewer), smaller ones another.
+    key = (p >= 512, 1 << max(0, m - 1).bit_length(), c, device.type, torch.get_num_threads())
     if key not in _chosen:
         if p * m < 1 << 22:  # a small search: not worth measuring
             _chosen[key] = BLOCKS[0]
         else:
             generator = torch.Generator().manual_seed(0)
-            query = torch.rand(min(p, 2048), c, generator=generator).to(device)
+            query = torch.rand(2048 if p >= 512 else p, c, generator=generator).to(device)
             gallery = torch.rand(m, c, generator=generator).to(device)
             seconds = {block: _best_time(query, gallery, block) for block in BLOCKS}
             _chosen[key] = min(seconds, key=seconds.get)
