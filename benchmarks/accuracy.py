@@ -31,7 +31,6 @@ LITE0_STRIDES_8_TO_32 = ["blocks.2", "blocks.4", "blocks.6"]
 # The defaults before v0.3: strides 4-16, the paper's average of the layers, one gallery, sigma 4.
 PREVIOUS = {"layers": LITE0_STRIDES_4_TO_16, "layer_combine": "mean", "scale_gallery": False, "sigma": 4.0}
 VARIANTS: dict[str, dict] = {
-    "exact_maps": {"exact_maps": True},  # every pixel searched exhaustively (the default before 0.5.0)
     "default": {},
     "default_knn": {"score_mode": "knn"},
     "previous_default": PREVIOUS,
