@@ -51,7 +51,7 @@ def test_a_model_saved_before_the_new_map_settings_loads_with_the_settings_it_wa
     path = SpadeDetector(older).fit(read_train(synthetic_root)[:12]).save(tmp_path / "older")
     record = json.loads((path / "config.json").read_text())
     record["config"]["layers"] = []
-    for key in ("layer_combine", "scale_gallery", "gallery_feature", "map_weight", "score_top"):
+    for key in ("layer_combine", "scale_gallery", "gallery_feature", "map_weight", "score_top", "exact_maps"):
         del record["config"][key]
     (path / "config.json").write_text(json.dumps(record))
     loaded = SpadeDetector.load(path)
@@ -59,6 +59,7 @@ def test_a_model_saved_before_the_new_map_settings_loads_with_the_settings_it_wa
     assert (config.layer_combine, config.scale_gallery, config.gallery_feature) == ("mean", False, "last")
     assert config.map_weight == 1.0  # the plain mean its thresholds were calibrated with
     assert config.score_top == 0.0  # and the map's maximum
+    assert config.exact_maps  # and the maps it was measured with, searched whole
     assert config.pyramid == ("blocks.1", "blocks.2", "blocks.4")  # the bank's, not today's default
     assert loaded.predict([read_test(synthetic_root)[0].path], segment="all").segmented.all()
     defaults = SpadeConfig()
