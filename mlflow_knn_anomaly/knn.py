@@ -84,9 +84,6 @@ class PixelGallery:
         self.extended[:, :c] = gallery
         torch.linalg.vector_norm(gallery, dim=1, out=self.extended[:, c]).pow_(2)
 
-    def __len__(self) -> int:
-        return self.extended.shape[0]
-
 
 def pixel_knn(
     query: torch.Tensor, gallery: torch.Tensor | PixelGallery, kappa: int, block: tuple[int, int] | None = None

@@ -346,8 +346,8 @@ class SpadeDetector:
         where the map can reach it or the map score's top share of the (H, W) bool `roi` (`refine.py`).
         """
         cfg = self.config
-        scales = self.calibration.layer_scales if cfg.normalize_layers else None
         if cfg.exact_maps or pixel_threshold is None:
+            scales = self.calibration.layer_scales if cfg.normalize_layers else None
             distances = self._layer_distances(features, nn_indices)
             return anomaly_map.combine_layers(distances, size, cfg.layer_combine, cfg.sigma, scales)
         return self.refined_stage2(features, nn_indices, size, pixel_threshold, roi)[0]
@@ -413,7 +413,7 @@ class SpadeDetector:
         image_t, pixel_t = self.thresholds(image_threshold, pixel_threshold)
         # two_stage: the recall-calibrated gate filters; knn: the image threshold itself gates.
         gate = self.calibration.gate_threshold if self.config.score_mode == "two_stage" else image_t
-        refine_at = None if return_maps or self.config.exact_maps else pixel_t
+        refine_at = None if return_maps else pixel_t  # stage2 searches whole under exact_maps
         knn, map_scores, maps, rois = self._run_stages(list(images), segment, gate, refine_at, progress)
         candidates = knn >= gate
         cfg = self.config
