@@ -9,25 +9,27 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from .knn import pixel_knn
+from .knn import PixelGallery, pixel_knn
 
 
 def layer_distances(
-    query: dict[str, torch.Tensor], galleries: dict[str, torch.Tensor], kappa: int
+    query: dict[str, torch.Tensor], galleries: dict[str, torch.Tensor | PixelGallery], kappa: int
 ) -> dict[str, torch.Tensor]:
     """Per layer, the (1, 1, h, w) mean distance of each query pixel to its kappa nearest gallery features.
 
     Args:
         query: one image's features {layer: (C, h, w)}, on the device the search runs on.
         galleries: {layer: (M, C) float32} pixel features of its nearest normal images (host
-            memory; moved to the query's device here).
+            memory; moved to the query's device here), or their `PixelGallery` on that device.
         kappa: neighbours averaged (the paper: 1).
     """
     distances = {}
     for name, fmap in query.items():
         c, h, w = fmap.shape
         pixels = fmap.float().permute(1, 2, 0).reshape(-1, c)
-        gallery = galleries[name].to(pixels.device, non_blocking=True)
+        gallery = galleries[name]
+        if not isinstance(gallery, PixelGallery):
+            gallery = gallery.to(pixels.device, non_blocking=True)
         distances[name] = pixel_knn(pixels, gallery, kappa).view(1, 1, h, w)
     return distances
 

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .knn import PixelGallery
+
 MANIFEST = "manifest.json"
+# A layer whose galleries hold at least 1 / WHOLE_SHARE of the bank's images is prepared once, whole
+# (float32, norms included): gathering its rows then costs one copy instead of four passes (read,
+# convert, copy, norms), and a gallery of every image none; memory stays within WHOLE_SHARE galleries.
+WHOLE_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -123,3 +129,37 @@ class FeatureBank:
             offsets={layer: np.asarray(arrays[f"offsets_{layer}"]) for layer in layers},
             statistics=np.asarray(arrays["statistics"]) if "statistics" in arrays else None,
         )
+
+
+class Galleries:
+    """Stage 2's galleries (`PixelGallery`) of a bank, assembled per image on `device`.
+
+    Args:
+        bank: the feature bank.
+        counts: {layer: nearest images whose pixels form that layer's gallery} (`gallery_images`).
+        device: where the search runs.
+    """
+
+    def __init__(self, bank: FeatureBank, counts: dict[str, int], device: torch.device) -> None:
+        self.bank, self.counts, self.device = bank, counts, device
+        self._whole: dict[str, PixelGallery] = {}
+
+    def __call__(self, nn_indices: np.ndarray) -> dict[str, PixelGallery]:
+        """{layer: gallery of the first `counts[layer]` of the (K,) nearest images `nn_indices`};
+        rows in bank order, as `FeatureBank.gallery`."""
+        out = {}
+        for layer, count in self.counts.items():
+            images = np.sort(nn_indices[:count])
+            if count * WHOLE_SHARE < self.bank.n_images:
+                out[layer] = PixelGallery(self.bank.gallery(layer, images).to(self.device))
+                continue
+            if layer not in self._whole:
+                features = np.array(self.bank.features[layer], dtype=np.float32)  # a writable copy
+                self._whole[layer] = PixelGallery(torch.from_numpy(features).to(self.device))
+            whole, starts = self._whole[layer], self.bank.offsets[layer]
+            if len(images) == self.bank.n_images:
+                out[layer] = whole
+            else:
+                rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in images])
+                out[layer] = whole.rows(torch.from_numpy(rows))
+        return out

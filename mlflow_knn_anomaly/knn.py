@@ -76,13 +76,24 @@ class ImageIndex:
 
 class PixelGallery:
     """A gallery prepared once for several `pixel_knn` calls: its (M, C) features with their squared
-    norms as an extra column, (M, C + 1)."""
+    norms as an extra column, `extended` (M, C + 1)."""
 
-    def __init__(self, gallery: torch.Tensor) -> None:
-        m, c = gallery.shape
-        self.extended = torch.empty(m, c + 1, dtype=gallery.dtype, device=gallery.device)
-        self.extended[:, :c] = gallery
-        torch.linalg.vector_norm(gallery, dim=1, out=self.extended[:, c]).pow_(2)
+    def __init__(self, gallery: torch.Tensor | None, extended: torch.Tensor | None = None) -> None:
+        if extended is None:
+            m, c = gallery.shape
+            extended = torch.empty(m, c + 1, dtype=gallery.dtype, device=gallery.device)
+            extended[:, :c] = gallery
+            torch.linalg.vector_norm(gallery, dim=1, out=extended[:, c]).pow_(2)
+        self.extended = extended
+
+    @property
+    def features(self) -> torch.Tensor:
+        """(M, C) the gallery features (a view)."""
+        return self.extended[:, :-1]
+
+    def rows(self, index: torch.Tensor) -> PixelGallery:
+        """The gallery of the (M',) int64 rows `index`, in that order (one copy, norms included)."""
+        return PixelGallery(None, self.extended.index_select(0, index.to(self.extended.device)))
 
 
 def pixel_knn(

@@ -64,28 +64,26 @@ def window_bounds(fmap: torch.Tensor, gallery: torch.Tensor, image_rows: np.ndar
     pad = WINDOW // 2
     if len(same) * (pad + 1) ** 2 < kappa:  # a corner pixel's window holds (pad + 1)^2 cells per image
         return None
-    images = torch.stack([gallery[starts[i] : starts[i] + h * w] for i in same]).view(len(same), h, w, c)
-    padded = F.pad(images, (0, 0, pad, pad, pad, pad))  # (n, h + 2 pad, w + 2 pad, C), channels last
-    outside = F.pad(torch.zeros(1, h, w, dtype=torch.bool, device=fmap.device), (pad, pad, pad, pad), value=True)
-    query = fmap.float().permute(1, 2, 0)  # (h, w, C)
-    sq_dist = torch.cat(
-        [
-            (padded[:, dy : dy + h, dx : dx + w] - query)
-            .pow_(2)
-            .sum(dim=-1)
-            .masked_fill_(outside[:, dy : dy + h, dx : dx + w], math.inf)
-            for dy in range(WINDOW)
-            for dx in range(WINDOW)
-        ]
-    )  # (9 n, h, w): each gallery feature once
+    # Channels first, as the query is: the sum over channels then runs along whole rows of cells. A
+    # gallery feature of infinities outside the image is at an infinite distance from every query.
+    images = torch.stack([gallery[starts[i] : starts[i] + h * w].t().reshape(c, h, w) for i in same])
+    padded = F.pad(images.float(), (pad, pad, pad, pad), value=math.inf)  # (n, C, h + 2 pad, w + 2 pad)
+    query = fmap.float()
+    offsets = [(dy, dx) for dy in range(WINDOW) for dx in range(WINDOW)]
+    shifted = ((padded[:, :, dy : dy + h, dx : dx + w] - query).pow_(2).sum(dim=1) for dy, dx in offsets)
     if kappa == 1:
-        return sq_dist.amin(dim=0).sqrt_().reshape(-1)
+        nearest = None
+        for sq_dist in shifted:  # (n, h, w) each
+            best = sq_dist.amin(dim=0)
+            nearest = best if nearest is None else torch.minimum(nearest, best, out=nearest)
+        return nearest.sqrt_().reshape(-1)
+    sq_dist = torch.cat(list(shifted))  # (9 n, h, w): each gallery feature once
     return sq_dist.topk(kappa, dim=0, largest=False).values.sqrt_().mean(dim=0).reshape(-1)
 
 
 def refined_map(
     query: dict[str, torch.Tensor],
-    galleries: dict[str, torch.Tensor],
+    galleries: dict[str, PixelGallery],
     windows: dict[str, tuple[torch.Tensor, np.ndarray]],
     kappa: int,
     size: tuple[int, int],
@@ -98,7 +96,7 @@ def refined_map(
 
     Args:
         query: the image's features {layer: (C, h, w)}.
-        galleries: {layer: (M, C) float32} pixel features of its nearest normal images.
+        galleries: {layer: gallery of its nearest normal images}, on the device the search runs on.
         windows: {layer: (features, image rows)} of the gallery images whose windows bound it
             (`window_bounds`).
         kappa: neighbours averaged.
@@ -113,7 +111,6 @@ def refined_map(
     """
     distances, searched = {}, {}
     device = next(iter(query.values())).device  # the search's; the bounds and the map live on the host
-    galleries = {name: PixelGallery(gallery.to(device)) for name, gallery in galleries.items()}
     for name, fmap in query.items():
         c, h, w = fmap.shape
         features, rows = windows[name]

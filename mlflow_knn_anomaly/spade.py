@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import anomaly_map, artifacts, refine
 from .backbone_specs import BACKBONES
 from .backbones import Backbone, FeaturePyramid, build_backbone
-from .bank import FeatureBank
+from .bank import FeatureBank, Galleries
 from .calibration import Calibration, control_limit, recall_gate, score_stats, synthetic_anomalies
 from .config import SpadeConfig, check_segment, check_threshold
 from .drift import NormalReference, image_statistics
@@ -81,6 +81,7 @@ class SpadeDetector:
         backbone = backbone or build_backbone(self.config.backbone, self.config.weights, self.config.pyramid)
         self.backbone = backbone.to(self.device)
         self.bank: FeatureBank | None = None
+        self.galleries: Galleries | None = None  # stage 2's, assembled from the bank
         self.index: ImageIndex | None = None  # stage 1, over the bank's stage-1 descriptors
         self.gallery_index: ImageIndex | None = None  # the gallery's images, when another descriptor picks them
         self.calibration: Calibration | None = None
@@ -169,6 +170,7 @@ class SpadeDetector:
             )
         stage1, gallery = self._split(bank.pooled)
         self.bank = bank
+        self.galleries = Galleries(bank, cfg.gallery_images(), self.device)
         self.index = ImageIndex(self.config.image_index).fit(stage1)
         self.gallery_index = None if gallery is stage1 else ImageIndex(self.config.image_index).fit(gallery)
 
@@ -328,9 +330,7 @@ class SpadeDetector:
     def _layer_distances(self, features: dict[str, torch.Tensor], nn_indices: np.ndarray) -> dict[str, torch.Tensor]:
         """Per layer, (1, 1, h, w) pixel distances to the gallery of the first `gallery_images()[layer]`
         of the (M,) nearest bank images `nn_indices`."""
-        counts = self.config.gallery_images()
-        galleries = {name: self.bank.gallery(name, nn_indices[: counts[name]]) for name in features}
-        return anomaly_map.layer_distances(features, galleries, self.config.kappa)
+        return anomaly_map.layer_distances(features, self.galleries(nn_indices), self.config.kappa)
 
     def stage2(
         self,
@@ -363,9 +363,9 @@ class SpadeDetector:
         """`stage2` searched exhaustively only where it matters (`refine.refined_map`): the (H, W) map
         and, per layer, the share of its cells searched exhaustively."""
         cfg = self.config
-        counts, bank = cfg.gallery_images(), self.bank
-        galleries = {name: bank.gallery(name, nn_indices[: counts[name]]) for name in features}
-        windows = {name: _nearest_images(bank, name, galleries[name], nn_indices[: counts[name]], cfg.k_images)
+        counts, galleries = cfg.gallery_images(), self.galleries(nn_indices)
+        nearest = {name: nn_indices[: counts[name]] for name in features}
+        windows = {name: _nearest_images(self.bank, name, galleries[name].features, nearest[name], cfg.k_images)
                    for name in features}  # fmt: skip
         return refine.refined_map(
             features,
@@ -463,9 +463,7 @@ class SpadeDetector:
                 rois.append(None if self.roi is None else roi_at(self.roi, geometry.height, geometry.width))
                 if segment == "all" or (segment == "auto" and scores[i] >= gate):
                     input_roi = self._input_roi(geometry)
-                    input_map = self.stage2(
-                        features[i], nn_indices[i], geometry.input_shape, refine_at, input_roi
-                    )
+                    input_map = self.stage2(features[i], nn_indices[i], geometry.input_shape, refine_at, input_roi)
                     map_scores.append(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top, input_roi))
                     maps.append(geometry.to_image(torch.from_numpy(np.ascontiguousarray(input_map))))
                 else:
