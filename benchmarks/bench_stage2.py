@@ -34,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, refine
 from mlflow_knn_anomaly.backbone_specs import BACKBONES
+from mlflow_knn_anomaly.bank import Galleries
 from mlflow_knn_anomaly.datasets import read_test, read_train
 from mlflow_knn_anomaly.pyfunc_model import encode_mask, save_model
 from mlflow_knn_anomaly.runtime import THREADS_ENV, configure_threads
@@ -65,15 +66,18 @@ def both(detector: SpadeDetector) -> dict[str, SpadeDetector]:
 
 @contextmanager
 def whole_gallery_blocks(on: bool):
-    """0.4.0's kernel: every pixel searched (exact_maps) in whole-gallery blocks of 128 queries."""
-    module = sys.modules["mlflow_knn_anomaly.knn"]  # the one the loaded pyfunc calls
-    real = module.block_shape
+    """0.4.0's stage 2: every pixel searched (exact_maps) in whole-gallery blocks of 128 queries, on
+    galleries gathered from the bank per image (no layer prepared whole)."""
+    module = sys.modules["mlflow_knn_anomaly.knn"]  # the ones the loaded pyfunc calls
+    bank = sys.modules["mlflow_knn_anomaly.bank"]
+    real, share = module.block_shape, bank.WHOLE_SHARE
     if on:
         module.block_shape = lambda *args: (module.QUERY_ROWS, 0)
+        bank.WHOLE_SHARE = 1 << 40
     try:
         yield
     finally:
-        module.block_shape = real
+        module.block_shape, bank.WHOLE_SHARE = real, share
 
 
 def pyfunc_ratios(detectors: dict[str, SpadeDetector], paths: list[Path], tmp: Path) -> dict[str, float]:
@@ -143,6 +147,7 @@ def profile(detector: SpadeDetector, paths: list[Path]) -> dict[str, float]:
     hooks.wrap(refine, "window_bounds", "window bounds (all layers)")
     hooks.wrap(anomaly_map, "gaussian_filter", "smoothing")
     hooks.wrap(anomaly_map, "combine_layers", "combine_layers")
+    hooks.wrap(Galleries, "__call__", "gallery assembly")
     hooks.wrap(refine, "combine_layers", "combine_layers")
     try:
         for path in paths:
@@ -161,7 +166,7 @@ def profile(detector: SpadeDetector, paths: list[Path]) -> dict[str, float]:
     out["upsampling and combining"] = out.pop("combine_layers") - out.get("smoothing", 0.0)
     stage2 = out.pop("segmented predict") + out["mask PNG encoding"] - out["stage 1 (decode to search)"]
     named = sum(v for k, v in out.items() if k != "stage 1 (decode to search)")
-    out["other (gallery assembly, cells, map score, resize, mask, regions)"] = stage2 - named
+    out["other (cells, map score, resize, mask, regions)"] = stage2 - named
     out["**stage 2**"] = stage2
     out["**segmented / stage 1**"] = (stage2 + out["stage 1 (decode to search)"]) / out["stage 1 (decode to search)"]
     return out
