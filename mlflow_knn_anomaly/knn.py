@@ -25,6 +25,11 @@ from .config import IMAGE_INDEXES
 # on the machine that runs it (`block_shape`), once per process, and logged.
 BLOCKS = ((128, 0), (512, 1024))
 QUERY_ROWS = 128  # query rows per block of the whole-gallery kernel
+# Query rows come in multiples of this (zero rows pad the last block). MKL computes a product of
+# fewer than ~12 rows in another summation order, so without it a pixel's distance would depend on
+# how many others it was searched with (`refine.py` searches subsets): on an AVX2 host 82 of 1212
+# subset searches differed in the last bit from the whole one, none with it.
+ROW_ALIGN = 16
 _chosen: dict[tuple, tuple[int, int]] = {}
 _logger = logging.getLogger(__name__)
 
@@ -123,13 +128,17 @@ def pixel_knn(
     rows, cols = block or block_shape(query.shape[0], m, query.shape[1], query.device)
     rows = QUERY_ROWS if cols == 0 else rows
     cols = cols or m
-    ones = torch.ones(query.shape[0], 1, dtype=query.dtype, device=query.device)
-    query_ext = torch.cat([query * -2.0, ones], dim=1)
+    # Row-major whatever the caller's layout, so that ||q||^2 sums each row in one order.
+    query = query.contiguous()
+    p = query.shape[0]
+    query_ext = torch.zeros(p + (-p) % ROW_ALIGN, query.shape[1] + 1, dtype=query.dtype, device=query.device)
+    torch.mul(query, -2.0, out=query_ext[:p, :-1])
+    query_ext[:p, -1] = 1.0
     tiles = [gallery_ext[start : start + cols].t() for start in range(0, gallery_ext.shape[0], cols)]
     q_sq = query.pow(2).sum(dim=1, keepdim=True)
-    out = torch.empty(query.shape[0], dtype=torch.float32, device=query.device)
-    for start in range(0, query.shape[0], rows):
-        block_rows = query_ext[start : start + rows]
+    out = torch.empty(p, dtype=torch.float32, device=query.device)
+    for start in range(0, p, rows):
+        block_rows = query_ext[start : start + rows]  # a multiple of ROW_ALIGN rows
         nearest = None
         for tile in tiles:
             partial = block_rows @ tile  # ||g||^2 - 2 q.g
@@ -140,6 +149,7 @@ def pixel_knn(
                 best = partial.topk(min(kappa, partial.shape[1]), dim=1, largest=False).values
                 both = best if nearest is None else torch.cat([nearest, best], dim=1)
                 nearest = both.topk(min(kappa, both.shape[1]), dim=1, largest=False).values
+        nearest = nearest[: min(rows, p - start)]
         out[start : start + rows] = (nearest + q_sq[start : start + rows]).clamp_min_(0.0).sqrt_().mean(dim=1)
     return out
 

@@ -21,7 +21,8 @@ only on the pixels whose value can change what `predict` reports, the same idea 
    is searched).
 
 So the mask, the regions, the map score and the image score are those of the exhaustive search
-(up to float rounding); only map values below both the threshold and the top share keep their
+(the mask bit for bit: a pixel's distance does not depend on the others searched with it, see
+`knn.ROW_ALIGN`); only map values below both the threshold and the top share keep their
 stand-in, the windowed distance, which is the nearest neighbour's in most cells. `exact_maps=True`
 turns this off.
 """

@@ -20,6 +20,18 @@ def test_pixel_knn_zero_distance_to_itself():
     assert float(pixel_knn(features, features, 1).max()) < 1e-2
 
 
+@pytest.mark.parametrize("block", knn.BLOCKS)
+def test_a_pixel_distance_does_not_depend_on_the_pixels_searched_with_it(block):
+    # refine.py searches subsets of a layer's cells; its mask must be the exhaustive search's, bit for bit.
+    gen = torch.Generator().manual_seed(0)
+    fmap, gallery = torch.rand(24, 48, 48, generator=gen), torch.rand(6000, 24, generator=gen)
+    pixels = fmap.permute(1, 2, 0).reshape(-1, 24)  # a layer's layout: not row-major
+    whole = pixel_knn(pixels, gallery, 1, block)
+    for n in (1, 2, 3, 5, 7, 11, 129, 513):
+        cells = torch.randperm(len(pixels), generator=gen)[:n]
+        assert torch.equal(pixel_knn(pixels[cells], gallery, 1, block), whole[cells]), n
+
+
 def test_flat_index_returns_squared_distances_of_the_exact_neighbours():
     rng = np.random.default_rng(0)
     bank, query = rng.normal(size=(100, 12)).astype(np.float32), rng.normal(size=(5, 12)).astype(np.float32)
