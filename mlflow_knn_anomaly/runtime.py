@@ -13,12 +13,46 @@ from contextlib import contextmanager
 from pathlib import Path
 
 THREADS_ENV = "MLFLOW_KNN_ANOMALY_THREADS"
+SAMPLE_SECONDS = 0.2  # how long `free_cores` watches the CPUs
+PROC_STAT = Path("/proc/stat")
 
 
 def free_cores() -> int:
-    """Cores not busy with other work right now (at least 1)."""
+    """Cores not busy with other work right now (at least 1, at most those this process may use).
+
+    Linux: the CPUs' idle share over `SAMPLE_SECONDS` (/proc/stat). The load average would not do:
+    it is a minute's average, and it counts this process's own work, so a job that loads a model
+    after a minute of computing (or starts right after another job) would see its own load and take
+    one thread on a free machine. Elsewhere: the cores less the load average.
+    """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, round(cores - os.getloadavg()[0])))
+    idle = _idle_cpus(SAMPLE_SECONDS)
+    free = cores - os.getloadavg()[0] if idle is None else idle
+    return max(1, min(cores, round(free)))
+
+
+def _idle_cpus(seconds: float) -> float | None:
+    """How many CPUs sat idle, on average, over the next `seconds` (None without /proc/stat)."""
+    import time
+
+    try:
+        before = PROC_STAT.read_text()
+        time.sleep(seconds)
+        return idle_cpus(before, PROC_STAT.read_text())
+    except OSError:
+        return None
+
+
+def idle_cpus(before: str, after: str) -> float | None:
+    """The CPUs idle on average between two readings of /proc/stat (None if they cannot tell)."""
+    try:
+        counts = [[int(v) for v in text.splitlines()[0].split()[1:9]] for text in (before, after)]
+    except (ValueError, IndexError):
+        return None
+    delta = [b - a for a, b in zip(*counts)]  # user nice system idle iowait irq softirq steal
+    cpus = len(re.findall(r"^cpu\d", after, flags=re.M))
+    total = sum(delta)
+    return None if total <= 0 or len(delta) < 5 else cpus * (delta[3] + delta[4]) / total
 
 
 def configure_threads(threads: int | None = None, workers: int = 1) -> int:

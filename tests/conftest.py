@@ -67,6 +67,21 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
+def shared_subset(name: str, target: Path, train: int, per_type: int) -> Path:
+    """An MVTec-layout folder of links to the first `train` training images of a shared set and the
+    first `per_type` test images of each of its types (masks included). For the tests that check
+    what a command or a lifecycle does, not its accuracy: they run in a fraction of the whole set's time."""
+    source = shared_dataset(name)
+    for split, count in (("train", train), ("test", per_type)):
+        for folder in sorted(p for p in (source / split).iterdir() if p.is_dir()):
+            (target / split / folder.name).mkdir(parents=True)
+            for path in sorted(folder.iterdir())[:count]:
+                (target / split / folder.name / path.name).symlink_to(path)
+    if (source / "ground_truth").is_dir():  # masks are looked up by name: the extra ones are never read
+        (target / "ground_truth").symlink_to(source / "ground_truth", target_is_directory=True)
+    return target
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_synthetic(tmp_path_factory.mktemp("synthetic"), seed=0)
