@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -67,18 +68,25 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-def shared_subset(name: str, target: Path, train: int, per_type: int) -> Path:
-    """An MVTec-layout folder of links to the first `train` training images of a shared set and the
-    first `per_type` test images of each of its types (masks included). For the tests that check
-    what a command or a lifecycle does, not its accuracy: they run in a fraction of the whole set's time."""
+def shared_subset(name: str, target: Path, train: int, per_type: int, copy: bool = False) -> Path:
+    """An MVTec-layout folder of the first `train` training images of a shared set and the first
+    `per_type` test images of each of its types, with their masks: links, or copies with `copy`
+    (Spark lists a symbolic link as a file of its own size). For the tests that check what a
+    command or a lifecycle does, not its accuracy: they run in a fraction of the whole set's time."""
     source = shared_dataset(name)
-    for split, count in (("train", train), ("test", per_type)):
-        for folder in sorted(p for p in (source / split).iterdir() if p.is_dir()):
-            (target / split / folder.name).mkdir(parents=True)
-            for path in sorted(folder.iterdir())[:count]:
-                (target / split / folder.name / path.name).symlink_to(path)
-    if (source / "ground_truth").is_dir():  # masks are looked up by name: the extra ones are never read
-        (target / "ground_truth").symlink_to(source / "ground_truth", target_is_directory=True)
+    picked = [
+        path
+        for split, count in (("train", train), ("test", per_type))
+        for folder in sorted(p for p in (source / split).iterdir() if p.is_dir())
+        for path in sorted(folder.iterdir())[:count]
+    ]
+    masks = [source / "ground_truth" / p.parent.name / f"{p.stem}_mask.png" for p in picked if p.parts[-3] == "test"]
+    for path in picked + [m for m in masks if m.is_file()]:
+        (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        if copy:
+            shutil.copy(path, target / path.relative_to(source))
+        else:
+            (target / path.relative_to(source)).symlink_to(path)
     return target
 
 
