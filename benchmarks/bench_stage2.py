@@ -20,10 +20,10 @@ import base64
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 import tempfile
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -49,7 +49,8 @@ def cpu() -> str:
     fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
     flags = fields.get("Flags", "").split()
     has = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return f"{fields.get('Vendor ID', '?').strip()} {fields.get('Model name', '?').strip()}, {len(flags) and ', '.join(has)}"
+    vendor, model = fields.get("Vendor ID", "?").strip(), fields.get("Model name", "?").strip()
+    return f"{vendor} {model}, {len(flags) and ', '.join(has)}"
 
 
 def sample(items: list, n: int) -> list:
@@ -191,7 +192,10 @@ def shares(detectors: dict[str, SpadeDetector], tests: list) -> tuple[dict[bool,
         cfg = refined.config
         score_diff = max(
             score_diff,
-            abs(anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top) - anomaly_map.map_score(exact_map, cfg.score_margin, cfg.score_top)),
+            abs(
+                anomaly_map.map_score(input_map, cfg.score_margin, cfg.score_top)
+                - anomaly_map.map_score(exact_map, cfg.score_margin, cfg.score_top)
+            ),
         )
         to_image = geometries[0].to_image
         a = to_image(torch.from_numpy(np.ascontiguousarray(input_map))) >= threshold
@@ -243,15 +247,18 @@ def main() -> None:
                 timing[name] = pyfunc_ratios(detectors, paths, Path(tmp) / name)
                 with whole_gallery_blocks(True):
                     profiles[name] = {"0.4.0": profile(detectors["exact"], paths[: args.images // 2])}
-                profiles[name].update({key: profile(detectors[key], paths[: args.images // 2]) for key in ("exact", "refined")})
+                profiles[name].update(
+                    {key: profile(detectors[key], paths[: args.images // 2]) for key in ("exact", "refined")}
+                )
                 print(name, timing[name], flush=True)
-    lines += ["## segment=\"all\" against \"none\" through the pyfunc (p50 ms per call)", ""]
+    lines += ['## segment="all" against "none" through the pyfunc (p50 ms per call)', ""]
     lines += ["| set | none | all, 0.4.0 | all, exact | all, refined | 0.4.0 / none | exact / none | refined / none |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for name, t in timing.items():
         lines.append(
             f"| {name} | {t['none']:.1f} | {t['all, 0.4.0']:.1f} | {t['all, exact']:.1f} | {t['all, refined']:.1f} | "
-            f"{t['all, 0.4.0'] / t['none']:.2f}x | {t['all, exact'] / t['none']:.2f}x | {t['all, refined'] / t['none']:.2f}x |"
+            + " | ".join(f"{t[kind] / t['none']:.2f}x" for kind in ("all, 0.4.0", "all, exact", "all, refined"))
+            + " |"
         )
     lines += ["", "## Profile of a segmented image (ms/image)", ""]
     keys = list(dict.fromkeys(k for p in profiles.values() for d in p.values() for k in d))
@@ -271,13 +278,15 @@ def main() -> None:
             for layer in layers
         )
         lines.append(
-            f"| {name} | {cells} | {check['differing']} of {check['mask pixels']} | {check['max map-score difference']:.1e} |"
+            f"| {name} | {cells} | {check['differing']} of {check['mask pixels']} "
+            f"| {check['max map-score difference']:.1e} |"
         )
-    lines += ["", "## Image scores over every test image (segment=\"auto\", no maps)", ""]
+    lines += ["", '## Image scores over every test image (segment="auto", no maps)', ""]
     lines += ["| set | image ROCAUC, exact | image ROCAUC, refined | largest score difference |", "|---|---|---|---|"]
     for name, c in checks.items():
         lines.append(
-            f"| {name} | {c['image ROCAUC exact']:.4f} | {c['image ROCAUC refined']:.4f} | {c['max score difference']:.1e} |"
+            f"| {name} | {c['image ROCAUC exact']:.4f} | {c['image ROCAUC refined']:.4f} "
+            f"| {c['max score difference']:.1e} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)

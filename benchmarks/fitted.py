@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_train
+from mlflow_knn_anomaly.datasets import TestSample, read_train
 from mlflow_knn_anomaly.runtime import configure_threads
 
 
@@ -35,3 +38,20 @@ def fitted_detector(args: argparse.Namespace) -> tuple[int, SpadeDetector]:
     threads = configure_threads(args.threads)
     config = SpadeConfig(**dict(_setting(item) for item in args.set))
     return threads, SpadeDetector(config).fit(read_train(args.data))
+
+
+def layer_searches(det: SpadeDetector, samples: list[TestSample]) -> Iterator[tuple]:
+    """What stage 2 searches, image after image and layer after layer: (a row label "name (P x M, C
+    ch)", the layer's name, its (C, h, w) features, the (P, C) row-major query, the (M, C) gallery
+    of the nearest images, and the image's nearest bank images from stage 1)."""
+    counts = det.config.gallery_images()
+    for sample in samples:
+        inputs, _ = det._prepare([sample.path])
+        pooled, features = det.extract(inputs)
+        _, nn_indices = det.stage1(pooled)
+        for name, fmap in features[0].items():
+            c = fmap.shape[0]
+            gallery = det.bank.gallery(name, nn_indices[0][: counts[name]])
+            query = fmap.float().permute(1, 2, 0).reshape(-1, c).contiguous()
+            label = f"{name} ({query.shape[0]} x {gallery.shape[0]}, {c} ch)"
+            yield label, name, fmap, query, torch.as_tensor(gallery), nn_indices[0]

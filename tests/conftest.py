@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import requests
 from mlflow import MlflowClient
@@ -88,6 +89,15 @@ def shared_subset(name: str, target: Path, train: int, per_type: int, copy: bool
         else:
             (target / path.relative_to(source)).symlink_to(path)
     return target
+
+
+def assert_masks_agree(got: np.ndarray, want: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> int:
+    """Masks from another process (a server, Spark's workers) against in-process ones: equal except
+    where the in-process map is within float rounding of the threshold, since features summed with
+    another thread count or batch differ in the last bits. Returns how many pixels were that close."""
+    near = np.abs(anomaly_map - threshold) <= 1e-4 * threshold
+    np.testing.assert_array_equal(got[~near], want[~near])
+    return int(near.sum())
 
 
 @pytest.fixture(scope="session")

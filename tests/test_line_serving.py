@@ -110,7 +110,10 @@ def test_spark_scores_a_line_with_the_category_of_each_folder(model, line, roots
     assert rows == 7 and list(out["category"]) == ["bottle"] + ["disc"] * 3 + ["plate"] * 3
     assert "unknown category 'bottle'" in out["error"][0] and (out["error"][1:] == "").all()
     assert list(by_column["category"]) == list(out["category"])  # the table's column names the same parts
-    np.testing.assert_allclose(by_column["score"].to_numpy(float), out["score"].to_numpy(float), equal_nan=True)
+    # two Spark jobs batch the images their own way: equal to float32 rounding
+    np.testing.assert_allclose(
+        by_column["score"].to_numpy(float), out["score"].to_numpy(float), rtol=1e-5, equal_nan=True
+    )
     for name in NAMES:
         part = out[out["category"] == name]
         expected = line.detector(name).predict([source / name / p.split("/")[-1] for p in part["path"]]).scores

@@ -4,11 +4,11 @@ on the shared data.
 The README comes first, then the pages in the order of mkdocs.yml's `nav` (a page's snippet
 includes, `--8<-- "path"`, in place). The blocks are read when the tests are collected, so this
 file follows the pages and cannot drift from them. A placeholder for the user's data (`/data/...`,
-`part.png`) is replaced with shared data (`DATA`, `FILES`); a `/data/...` folder missing from
-`DATA` fails. The commands share one shell-like sandbox (a copy of the project, one sqlite tracking
-store), as a user's session would; a command that cannot run here is skipped with the reason, and
-one whose text already ran in the sandbox (a page repeating the README) is skipped with the place
-where it ran.
+`part.png`) is replaced with shared data (`DATA`, `FILES`; bottle and MPDD in part, `SUBSETS`); a
+`/data/...` folder missing from `DATA` fails. The commands share one shell-like sandbox (a copy of
+the project, one sqlite tracking store), as a user's session would; a command that cannot run here
+is skipped with the reason, and one whose text already ran in the sandbox (a page repeating the
+README) is skipped with the place where it ran.
 """
 
 from __future__ import annotations
@@ -59,6 +59,11 @@ DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/line/false_alarms.csv": FALSE_ALARMS,
 }
 PLANT_PARTS = {"bottle": "mvtec_bottle", "metal_plate": "mpdd_metal_plate", "transistor": "mvtec_transistor"}
+# The shared sets these commands read in part, (training images, test images per type): they show
+# what a command does (builds, evaluates, tunes, registers), while the accuracy of the whole sets is
+# measured by the benchmarks and tests/test_spade.py. MPDD keeps enough defects and normal images
+# for `tune`'s validation split to run its bootstrap (7 of each, min_images is 5).
+SUBSETS = {"mvtec_bottle": (100, 10), "mpdd_metal_plate": (41, 24)}
 FILES = {"part.png": "mvtec_bottle/test/broken_large/000.png"}
 DATA_FOLDER = re.compile(r"(?<![\w./-])/data/[\w./-]*\w")  # not ../shared/data/...
 RUN_ALL = os.environ.get("MLFLOW_KNN_ANOMALY_README_ALL") == "1"
@@ -212,6 +217,9 @@ class Sandbox:
         self.env = {k: v for k, v in os.environ.items() if k != THREADS_ENV}  # the product's own sizing
         self.env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_ID=experiment)
         self.env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{self.env['PATH']}"
+        self.subsets = {  # copies: Spark reads them too
+            name: shared_subset(name, tmp / "subsets" / name, *size, copy=True) for name, size in SUBSETS.items()
+        }
         self.new_normal = _new_normal_images(self.data / "mvtec_bottle", tmp / "bottle-new")
         self.plant, self.plant_images = _plant(tmp / "plant"), _plant_images(self.data, tmp / "plant-images")
         self.line_today, self.false_alarms = _line_today(self.data / "mvtec_bottle", tmp / "line")
@@ -231,6 +239,7 @@ class Sandbox:
                      LINE_TODAY: self.line_today, FALSE_ALARMS: self.false_alarms}  # fmt: skip
             if DATA[name] == PLANT:
                 return str(self.plant / name.removeprefix("/data/plant").lstrip("/"))
+            built.update(self.subsets)
             return str(built[DATA[name]] if DATA[name] in built else self.data / DATA[name])
 
         text = DATA_FOLDER.sub(folder, text)

@@ -23,7 +23,7 @@ from mlflow_knn_anomaly import decode_mask, save_model
 from mlflow_knn_anomaly.datasets import read_test
 from mlflow_knn_anomaly.runtime import THREADS_ENV
 
-from .conftest import encode_image, free_port, served, wait_until_up
+from .conftest import assert_masks_agree, encode_image, free_port, served, wait_until_up
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +64,9 @@ def test_real_images_score_with_masks_at_their_own_size(server, fitted, syntheti
     rows = response.json()["predictions"]
     expected = fitted.predict([s.path for s in samples], segment="all")
     np.testing.assert_allclose([r["score"] for r in rows], expected.scores, rtol=1e-5)
-    for row, mask in zip(rows, expected.masks):
-        np.testing.assert_array_equal(decode_mask(row["mask"]), mask)
+    threshold = fitted.thresholds()[1]
+    for row, mask, anomaly_map in zip(rows, expected.masks, expected.anomaly_maps, strict=True):
+        assert_masks_agree(decode_mask(row["mask"]), mask, anomaly_map, threshold)
 
 
 def test_every_bad_row_gets_an_error_and_good_rows_still_come_back(server, synthetic_root):

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fitted import data_parser, fitted_detector  # noqa: E402
+from fitted import data_parser, fitted_detector, layer_searches  # noqa: E402
 
 from mlflow_knn_anomaly.datasets import read_test  # noqa: E402
 from mlflow_knn_anomaly.knn import pixel_knn  # noqa: E402
@@ -79,14 +79,18 @@ def gemm_block(query: torch.Tensor, gallery: torch.Tensor) -> dict[str, float]:
     a32 = torch.cat([block, torch.ones(len(block), 1)], dim=1)
     b32 = torch.cat([gallery, gallery.pow(2).sum(1, keepdim=True)], dim=1).t().contiguous()
     scale = max(float(a32.abs().max()), float(b32[:-1].abs().max())) / 127
-    a8, b8 = (a32 / scale).round().clamp(-127, 127).to(torch.int8), (b32[:-1] / scale).round().clamp(-127, 127).to(torch.int8)
+    a8, b8 = (
+        (a32 / scale).round().clamp(-127, 127).to(torch.int8),
+        (b32[:-1] / scale).round().clamp(-127, 127).to(torch.int8),
+    )
     a8 = a8[:, :-1].contiguous()
     width = -(-a8.shape[1] // 8) * 8  # _int_mm wants the inner size a multiple of 8
     a8 = torch.nn.functional.pad(a8, (0, width - a8.shape[1])).contiguous()
     b8 = torch.nn.functional.pad(b8, (0, 0, 0, width - b8.shape[0])).contiguous()
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
     return {
         "fp32": timed(lambda: (a32 @ b32).amin(1))[0],
-        "bf16": timed(lambda a=a32.bfloat16(), b=b32.bfloat16(): (a @ b).amin(1))[0],
+        "bf16": timed(lambda: (a16 @ b16).amin(1))[0],
         "int8": timed(lambda: torch._int_mm(a8, b8).amin(1))[0],
     }
 
@@ -96,32 +100,27 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=3)
     args = parser.parse_args()
     threads, det = fitted_detector(args)
-    cfg, counts = det.config, det.config.gallery_images()
+    cfg = det.config
     tests = [s for s in read_test(args.data) if s.is_anomalous][: args.images]
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for sample in tests:
-        inputs, _ = det._prepare([sample.path])
-        pooled, features = det.extract(inputs)
-        _, nn_indices = det.stage1(pooled)
-        for name, fmap in features[0].items():
-            c = fmap.shape[0]
-            gallery = det.bank.gallery(name, nn_indices[0][: counts[name]])
-            query = fmap.float().permute(1, 2, 0).reshape(-1, c).contiguous()
-            row = rows[f"{name} ({query.shape[0]} x {gallery.shape[0]}, {c} ch)"]
-            ms, exact = timed(pixel_knn, query, gallery, 1)
-            row["exact fp32 ms"].append(ms)
-            for k in (2, 8):
-                ms, approx = timed(bf16_rerank, query, gallery, k)
-                row[f"bf16 + re-rank {k} ms"].append(ms)
-                row[f"bf16 + re-rank {k}: share wrong"].append(float(((approx - exact).abs() > 1e-3 * exact).float().mean()))
-            row["bf16 certified bound / exact (median)"].append(
-                float((bf16_bound(query, gallery) / exact.clamp_min(1e-6)).median())
+    for label, name, fmap, query, gallery, nearest in layer_searches(det, tests):
+        row = rows[label]
+        ms, exact = timed(pixel_knn, query, gallery, 1)
+        row["exact fp32 ms"].append(ms)
+        for k in (2, 8):
+            ms, approx = timed(bf16_rerank, query, gallery, k)
+            row[f"bf16 + re-rank {k} ms"].append(ms)
+            row[f"bf16 + re-rank {k}: share wrong"].append(
+                float(((approx - exact).abs() > 1e-3 * exact).float().mean())
             )
-            k_nearest = nn_indices[0][: cfg.k_images]
-            window = window_bounds(fmap, det.bank.gallery(name, k_nearest), det.bank.image_rows(name, k_nearest), 1)
-            row["window bound / exact (median)"].append(float((window / exact.clamp_min(1e-6)).median()))
-            for kind, ms in gemm_block(query, gallery).items():
-                row[f"one 128-row GEMM block, {kind} ms"].append(ms)
+        row["bf16 certified bound / exact (median)"].append(
+            float((bf16_bound(query, gallery) / exact.clamp_min(1e-6)).median())
+        )
+        k_nearest = nearest[: cfg.k_images]
+        window = window_bounds(fmap, det.bank.gallery(name, k_nearest), det.bank.image_rows(name, k_nearest), 1)
+        row["window bound / exact (median)"].append(float((window / exact.clamp_min(1e-6)).median()))
+        for kind, ms in gemm_block(query, gallery).items():
+            row[f"one 128-row GEMM block, {kind} ms"].append(ms)
     names = list(rows)
     print(f"{args.data.name}: {len(tests)} anomalous test images, {threads} threads\n")
     print("| | " + " | ".join(names) + " |\n|---" * 1 + "|---" * len(names) + "|")

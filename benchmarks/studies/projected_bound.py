@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fitted import data_parser, fitted_detector  # noqa: E402
+from fitted import data_parser, fitted_detector, layer_searches  # noqa: E402
 
 from mlflow_knn_anomaly.datasets import read_test  # noqa: E402
 from mlflow_knn_anomaly.knn import PixelGallery, pixel_knn  # noqa: E402
@@ -72,7 +72,6 @@ def timed(fn, *args, runs: int = 3):
 def main() -> None:
     args = data_parser(__doc__).parse_args()
     threads, det = fitted_detector(args)
-    counts = det.config.gallery_images()
     bases = {}
     for name, feats in det.bank.features.items():
         sample = torch.from_numpy(np.array(feats[:: max(1, len(feats) // 20000)], dtype=np.float32))
@@ -81,24 +80,18 @@ def main() -> None:
     tests = read_test(args.data)
     tests = [tests[i] for i in np.linspace(0, len(tests) - 1, 6).round().astype(int)]
     rows: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for sample in tests:
-        inputs, _ = det._prepare([sample.path])
-        pooled, features = det.extract(inputs)
-        _, nn_indices = det.stage1(pooled)
-        for name, fmap in features[0].items():
-            c = fmap.shape[0]
-            gallery = det.bank.gallery(name, nn_indices[0][: counts[name]])
-            query = fmap.float().permute(1, 2, 0).reshape(-1, c).contiguous()
-            row = rows[f"{name} ({query.shape[0]} x {gallery.shape[0]}, {c} ch)"]
-            ms, exact = timed(pixel_knn, query, PixelGallery(gallery), 1)
-            row["exact GEMM ms"].append(ms)
-            mean, vt = bases[name]
-            for d in (16, 32):
-                if d >= c:
-                    continue
-                ms, got = timed(pruned_knn, query, gallery, projected(gallery, mean, vt[:d].contiguous()))
-                row[f"pruned, d={d}, ms"].append(ms)
-                row[f"pruned, d={d}, largest difference"].append(float((got - exact).abs().max()))
+    for label, name, _, query, gallery, _ in layer_searches(det, tests):
+        c = query.shape[1]
+        row = rows[label]
+        ms, exact = timed(pixel_knn, query, PixelGallery(gallery), 1)
+        row["exact GEMM ms"].append(ms)
+        mean, vt = bases[name]
+        for d in (16, 32):
+            if d >= c:
+                continue
+            ms, got = timed(pruned_knn, query, gallery, projected(gallery, mean, vt[:d].contiguous()))
+            row[f"pruned, d={d}, ms"].append(ms)
+            row[f"pruned, d={d}, largest difference"].append(float((got - exact).abs().max()))
     names = list(rows)
     keys = list(dict.fromkeys(k for n in names for k in rows[n]))
     print(f"{args.data.name}: {len(tests)} test images, {threads} threads\n")
