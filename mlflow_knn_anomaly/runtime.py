@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,8 +34,6 @@ def free_cores() -> int:
 
 def _idle_cpus(seconds: float) -> float | None:
     """How many CPUs sat idle, on average, over the next `seconds` (None without /proc/stat)."""
-    import time
-
     try:
         before = PROC_STAT.read_text()
         time.sleep(seconds)

@@ -83,11 +83,9 @@ def shared_subset(name: str, target: Path, train: int, per_type: int, copy: bool
     ]
     masks = [source / "ground_truth" / p.parent.name / f"{p.stem}_mask.png" for p in picked if p.parts[-3] == "test"]
     for path in picked + [m for m in masks if m.is_file()]:
-        (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
-        if copy:
-            shutil.copy(path, target / path.relative_to(source))
-        else:
-            (target / path.relative_to(source)).symlink_to(path)
+        placed = target / path.relative_to(source)
+        placed.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, placed) if copy else placed.symlink_to(path)
     return target
 
 
