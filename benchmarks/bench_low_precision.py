@@ -2,26 +2,28 @@
 
     python benchmarks/bench_low_precision.py --threads 2
 
-Per stage-2 layer shape of the default model on a 256 x 256 bottle image (query pixels, gallery
-rows of k_images=5 images, channels), on random features: the exact fp32 search (`pixel_knn`),
-a bf16 GEMM + min alone (no re-ranking: the floor of any bf16 pass), and the bf16 pass that keeps
-the `--candidates` nearest per pixel and re-ranks them in fp32 (exact distances for those only),
-with the share of pixels whose true nearest neighbour was among the candidates. Best of 5 runs.
+Per stage-2 layer shape of the default model (`SpadeConfig()`) on one image (query pixels; gallery
+rows of its `gallery_images()`, before capping at the bank; channels), on random features: the
+exact fp32 search (`pixel_knn`); a bf16 GEMM + min alone (no re-ranking: the floor of any bf16
+pass); and the bf16 pass that keeps the `--candidates` nearest per pixel and re-ranks them in fp32
+(exact distances for those only), with the share of pixels whose true nearest neighbour was among
+the candidates. Best of 5 runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 
 import torch
+from bench_stage2 import cpu
 
-from mlflow_knn_anomaly.knn import pixel_knn
+from mlflow_knn_anomaly import SpadeConfig
+from mlflow_knn_anomaly.backbone_specs import BACKBONES
+from mlflow_knn_anomaly.knn import PixelGallery, pixel_knn
+from mlflow_knn_anomaly.runtime import configure_threads
 
-# (layer, stride, channels) of tf_efficientnet_lite0's default pyramid; 256 / stride cells a side.
-LAYERS = (("blocks.1", 4, 24), ("blocks.2", 8, 40), ("blocks.4", 16, 112), ("blocks.6", 32, 320))
-K_IMAGES = 5
+CONFIG = SpadeConfig()  # the default model: its pyramid, input size and per-layer galleries
 ROWS = 128
 
 
@@ -53,20 +55,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--candidates", type=int, default=4)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split()
-    has = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    print(f"CPU flags: {', '.join(has)}; {args.threads} threads; torch {torch.__version__}\n")
+    threads = configure_threads(args.threads)
+    print(f"CPU: {cpu()}; {threads} threads; torch {torch.__version__}\n")
     r = args.candidates
     print(f"| layer | pixels x gallery x C | fp32 exact ms | bf16 GEMM+min ms | bf16 top-{r} + fp32 re-rank ms "
           "| true NN among candidates |")  # fmt: skip
     print("|---|---|---|---|---|---|")
     generator = torch.Generator().manual_seed(0)
-    for name, stride, c in LAYERS:
-        p = (256 // stride) ** 2
+    spec = BACKBONES[CONFIG.backbone]
+    for name, images in CONFIG.gallery_images().items():
+        stride, c = spec.layer(name).stride, spec.layer(name).channels
+        p = (CONFIG.input_size // stride) ** 2
         query = torch.rand(p, c, generator=generator)
-        gallery = torch.rand(K_IMAGES * p, c, generator=generator)
-        ext = torch.cat([gallery, gallery.pow(2).sum(1, keepdim=True)], dim=1).t().contiguous().bfloat16()
+        gallery = torch.rand(images * p, c, generator=generator)
+        ext = PixelGallery(gallery).extended.t().contiguous().bfloat16()  # rows of [g, ||g||^2]
         query_b = torch.cat([-2 * query, torch.ones(p, 1)], dim=1).bfloat16()
         exact_ms = best_ms(pixel_knn, query, gallery, 1)
         min_ms = best_ms(bf16_min, query_b, ext)
@@ -74,7 +76,7 @@ def main() -> None:
         truth = torch.cdist(query, gallery).argmin(dim=1)
         _, candidates = bf16_rerank(query, gallery, query_b, ext, r)
         recall = float((candidates == truth[:, None]).any(dim=1).float().mean())
-        print(f"| {name} (stride {stride}) | {p} x {K_IMAGES * p} x {c} | {exact_ms:.1f} | {min_ms:.1f} "
+        print(f"| {name} (stride {stride}) | {p} x {images * p} x {c} | {exact_ms:.1f} | {min_ms:.1f} "
               f"| {rerank_ms:.1f} | {recall:.4f} |")  # fmt: skip
 
 
