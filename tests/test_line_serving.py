@@ -73,7 +73,8 @@ def test_one_request_mixes_categories_and_bad_rows_come_back_as_row_errors(serve
     assert "unknown category 'bottle'" in out[3]["error"] and "['disc', 'plate']" in out[3]["error"]
     for name, indices, paths in (("disc", [0, 5], disc), ("plate", [1, 4], plate)):
         expected = line.detector(name).predict(paths, segment="all").scores
-        np.testing.assert_allclose([out[i]["score"] for i in indices], expected, atol=1e-6)
+        # the server sums convolutions with its own thread count: equal to float32 rounding
+        np.testing.assert_allclose([out[i]["score"] for i in indices], expected, rtol=1e-5)
 
 
 def test_a_request_without_the_category_column_is_a_400_listing_the_categories(server, roots):
