@@ -93,8 +93,11 @@ def pro_curve(
     thresholds = np.unique(np.concatenate([normal[idx], beyond]))[::-1]
     fpr = np.concatenate([[0.0], (n - np.searchsorted(normal, thresholds, side="right")) / n])
     pro = np.mean([1.0 - np.searchsorted(r, thresholds, side="right") / r.size for r in regions], axis=0)
-    pro = np.concatenate([[0.0], pro])
-    # Interpolate at the limit and cut there.
+    return ProCurve(*area_to_limit(fpr, np.concatenate([[0.0], pro]), fpr_limit))
+
+
+def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """A PRO curve (T,) cut at `fpr_limit` (interpolated linearly there), and its area divided by the limit."""
     keep = fpr <= fpr_limit
     fpr_cut, pro_cut = fpr[keep], pro[keep]
     if fpr_cut[-1] < fpr_limit:
@@ -102,8 +105,7 @@ def pro_curve(
         f0, f1, p0, p1 = fpr[j - 1], fpr[j], pro[j - 1], pro[j]
         fpr_cut = np.append(fpr_cut, fpr_limit)
         pro_cut = np.append(pro_cut, p0 + (p1 - p0) * (fpr_limit - f0) / (f1 - f0))
-    aupro = float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
-    return ProCurve(fpr=fpr_cut, pro=pro_cut, aupro=aupro)
+    return fpr_cut, pro_cut, float(np.trapezoid(pro_cut, fpr_cut) / fpr_limit)
 
 
 def aupro(masks: list[np.ndarray], maps: list[np.ndarray], fpr_limit: float = 0.3) -> float:

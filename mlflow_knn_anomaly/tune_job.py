@@ -167,10 +167,9 @@ def _tune_category(
     if counts["validation_defects"] >= min_images and counts["validation_normal"] >= min_images:
         outputs = built[tuning.feature_key(scored[0].settings)][1]
         masks = None if outputs.masks is None else tuning.small_masks(outputs.masks)
-        for candidate in scored[1:]:
-            candidate.win_rate = tuning.win_rate(
-                outputs.labels, scored[0], candidate, masks, settings.n_bootstrap, settings.seed
-            )
+        rates = tuning.win_rates(outputs.labels, scored[0], scored[1:], masks, settings.n_bootstrap, settings.seed)
+        for candidate, rate in zip(scored[1:], rates):
+            candidate.win_rate = rate
     choice = tuning.choose(scored, settings.required_win_rate, counts, min_images)
     shared.keep_only(None)
     for detector, _, _ in built.values():

@@ -3,12 +3,12 @@
 The test images of an MVTec-layout folder are split, per defect type and for `good`, into a
 seeded validation share and a test share (`split_test`). Every candidate of `GRID` is scored on
 the validation split only; one replaces the default only if it beats it there and the win is not
-noise (`choose`): it must win on at least `win_rate` of `n_bootstrap` resamples of the validation
-images, normal and anomalous images resampled apart (so that a resample always holds both, and
-the few normal images count as much as the defects). A win is a higher objective with no metric
-(image ROCAUC, and with masks pixel ROCAUC and AUPRO) lower by more than MAX_DROP, on the split
-and in each resample. With fewer validation defects or normal
-images than `min_images`, the default stays. No MLflow here: the `tune` job (`tune_job.py`) logs
+noise (`choose`): it must win on at least `required_win_rate` of `n_bootstrap` resamples of the
+validation images, normal and anomalous images resampled apart (so that a resample always holds
+both, and the few normal images count as much as the defects; `bootstrap` computes a resample's
+figures). A win is a higher objective with no metric (image ROCAUC, and with masks pixel ROCAUC
+and AUPRO) lower by more than MAX_DROP, on the split and in each resample. With fewer validation
+defects or normal images than `min_images`, the default stays. No MLflow here: the `tune` job (`tune_job.py`) logs
 each candidate as a child run and registers the choice.
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from .bootstrap import ResampledFigures, stratified_counts
 from .datasets import TestSample, read_mask, read_test
 from .metrics import aupro, pixel_auroc, resize_map, resize_mask
 from .spade import SpadeDetector
@@ -185,65 +186,35 @@ def small_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
     return [resize_mask(m, BOOTSTRAP_SIZE) for m in masks]
 
 
-def win_rate(
+def win_rates(
     labels: np.ndarray,
     default: Scored,
-    candidate: Scored,
+    candidates: list[Scored],
     masks: list[np.ndarray] | None,
     n_bootstrap: int = 200,
     seed: int = 0,
-) -> float:
-    """Share of `n_bootstrap` stratified resamples of the validation images on which `candidate`
-    wins (`beats`) against `default`: a higher objective, and no metric lower by more than MAX_DROP."""
-    rng = np.random.default_rng(seed)
-    normal, anomalous = np.flatnonzero(~labels), np.flatnonzero(labels)
-    ranks = None if masks is None else (PixelRanks(default.small_maps, masks), PixelRanks(candidate.small_maps, masks))
-    wins = 0
-    for _ in range(n_bootstrap):
-        pick = np.r_[rng.choice(normal, len(normal)), rng.choice(anomalous, len(anomalous))]
-        ours = _figures_on(pick, labels, candidate, masks, ranks and ranks[1])
-        theirs = _figures_on(pick, labels, default, masks, ranks and ranks[0])
-        wins += beats(ours, theirs)
-    return wins / n_bootstrap
+) -> list[float]:
+    """Per candidate, the share of `n_bootstrap` stratified resamples of the validation images on
+    which it wins (`beats`) against `default`: a higher objective, and no metric lower by more than
+    MAX_DROP. Every candidate meets the same resamples."""
+    resamples = stratified_counts(labels, n_bootstrap, seed)
+    reference = _resampled(labels, default, masks)
+    theirs = [reference.figures(c) for c in resamples]
+    rates = []
+    for candidate in candidates:
+        ours = _resampled(labels, candidate, masks)
+        rates.append(sum(beats(ours.figures(c), t) for c, t in zip(resamples, theirs)) / n_bootstrap)
+    return rates
+
+
+def _resampled(labels: np.ndarray, scored: Scored, masks: list[np.ndarray] | None) -> ResampledFigures:
+    return ResampledFigures(labels, scored.scores, None if masks is None else scored.small_maps, masks)
 
 
 def beats(candidate: dict[str, float], default: dict[str, float]) -> bool:
     """A higher objective, with no metric of `default` lower in `candidate` by more than MAX_DROP."""
     kept = all(candidate[name] >= value - MAX_DROP for name, value in default.items())
     return kept and objective(candidate) > objective(default)
-
-
-class PixelRanks:
-    """A candidate's validation pixels (maps at BOOTSTRAP_SIZE) sorted once, so that the pixel
-    ROCAUC of any resample of the images is one weighted pass (the Mann-Whitney U, ties counting
-    half) instead of a sort of every resampled pixel."""
-
-    def __init__(self, maps: list[np.ndarray], masks: list[np.ndarray]) -> None:
-        values = np.concatenate([m.ravel() for m in maps])
-        order = np.argsort(values, kind="stable")
-        self.image = np.repeat(np.arange(len(maps)), [m.size for m in maps])[order]
-        self.positive = np.concatenate([m.ravel() for m in masks])[order]
-        ranked = values[order]
-        self.group = np.r_[0, np.cumsum(ranked[1:] != ranked[:-1])]  # equal values share a group
-
-    def auroc(self, counts: np.ndarray) -> float:
-        """Pixel ROCAUC of the resample that takes image i `counts[i]` times."""
-        weight = counts[self.image].astype(np.float64)
-        positive = np.where(self.positive, weight, 0.0)
-        negative = weight - positive
-        per_group = np.bincount(self.group, weights=negative)
-        below = np.cumsum(per_group) - per_group + 0.5 * per_group  # negatives under a group, ties half
-        return float((positive * below[self.group]).sum() / (positive.sum() * negative.sum()))
-
-
-def _figures_on(
-    pick: np.ndarray, labels: np.ndarray, scored: Scored, masks: list[np.ndarray] | None, ranks: PixelRanks | None
-) -> dict[str, float]:
-    figures = {"image_auroc": float(roc_auc_score(labels[pick], scored.scores[pick]))}
-    if masks is not None:
-        figures["aupro"] = aupro([masks[i] for i in pick], [scored.small_maps[i] for i in pick])
-        figures["pixel_auroc"] = ranks.auroc(np.bincount(pick, minlength=len(labels)))
-    return figures
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
 
 from mlflow_knn_anomaly import tuning
 from mlflow_knn_anomaly.datasets import make_synthetic
@@ -43,8 +42,8 @@ def test_the_bootstrap_counts_ties_as_losses_and_a_clear_win_as_a_win():
     labels = np.r_[np.zeros(20, bool), np.ones(20, bool)]
     noise = rng.normal(size=40)
     default = _scored({}, 0.5, noise)
-    assert tuning.win_rate(labels, default, _scored({}, 0.5, noise.copy()), None) == 0.0
-    assert tuning.win_rate(labels, default, _scored({}, 1.0, labels + 0.1 * noise), None) == 1.0
+    tie, clear = _scored({}, 0.5, noise.copy()), _scored({}, 1.0, labels + 0.1 * noise)
+    assert tuning.win_rates(labels, default, [tie, clear], None) == [0.0, 1.0]
 
 
 def test_the_default_stays_without_evidence_or_without_a_sure_win():
@@ -71,17 +70,6 @@ def test_ties_go_to_the_faster_candidate():
 def test_the_objective_weighs_aupro_and_image_auroc_alike_with_masks():
     assert tuning.objective({"image_auroc": 0.9, "aupro": 0.7}) == pytest.approx(0.8)
     assert tuning.objective({"image_auroc": 0.9}) == 0.9
-
-
-def test_resampled_pixel_auroc_equals_the_auroc_of_the_resampled_pixels():
-    rng = np.random.default_rng(3)
-    maps = [np.round(rng.random((8, 8)), 1) for _ in range(5)]  # rounded: ties across images
-    masks = [rng.random((8, 8)) < 0.2 for _ in range(5)]
-    pick = np.array([0, 0, 2, 3, 3, 3, 4])
-    expected = roc_auc_score(np.concatenate([masks[i].ravel() for i in pick]),
-                             np.concatenate([maps[i].ravel() for i in pick]))  # fmt: skip
-    ranks = tuning.PixelRanks(maps, masks)
-    assert ranks.auroc(np.bincount(pick, minlength=5)) == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_candidate_that_loses_a_metric_does_not_win():
