@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.evaluation import evaluate
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 LITE0_STRIDES_4_TO_16 = ["blocks.1", "blocks.2", "blocks.4"]

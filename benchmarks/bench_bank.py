@@ -14,8 +14,8 @@ from pathlib import Path
 import mlflow
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, save_model
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.evaluation import evaluate
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from mlflow_knn_anomaly.knn import ImageIndex
+from mlflow_knn_anomaly.algorithm.knn import ImageIndex
 from mlflow_knn_anomaly.runtime import configure_threads
 
 

@@ -35,9 +35,10 @@ import mlflow
 import numpy as np
 import requests
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, jobs, line_jobs, save_model
-from mlflow_knn_anomaly.artifacts import sha256
-from mlflow_knn_anomaly.datasets import find_categories, read_test, read_train
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, save_model
+from mlflow_knn_anomaly.algorithm.artifacts import sha256
+from mlflow_knn_anomaly.evaluation.datasets import find_categories, read_test, read_train
+from mlflow_knn_anomaly.mlops import jobs, line_jobs
 from mlflow_knn_anomaly.runtime import THREADS_ENV, configure_threads
 
 

@@ -19,8 +19,8 @@ import torch
 from bench_stage2 import cpu
 
 from mlflow_knn_anomaly import SpadeConfig
-from mlflow_knn_anomaly.backbone_specs import BACKBONES
-from mlflow_knn_anomaly.knn import PixelGallery, pixel_knn
+from mlflow_knn_anomaly.algorithm.backbone_specs import BACKBONES
+from mlflow_knn_anomaly.algorithm.knn import PixelGallery, pixel_knn
 from mlflow_knn_anomaly.runtime import configure_threads
 
 CONFIG = SpadeConfig()  # the default model: its pyramid, input size and per-layer galleries

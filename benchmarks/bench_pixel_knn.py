@@ -17,7 +17,7 @@ from functools import partial
 import torch
 from reference_spade import reference_pixel_min_distance
 
-from mlflow_knn_anomaly.knn import pixel_knn
+from mlflow_knn_anomaly.algorithm.knn import pixel_knn
 from mlflow_knn_anomaly.runtime import configure_threads
 
 # (name, channels, side of the map at a 224 input); feature_pool does not change the shapes.

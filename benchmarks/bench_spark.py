@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 from mlflow_knn_anomaly import SpadeDetector, save_model
-from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.mlops.spark import score, session
 from mlflow_knn_anomaly.runtime import configure_threads
-from mlflow_knn_anomaly.spark import score, session
 
 
 def bench_master(master: str, model: Path, one: Path, test: Path, tmp: Path) -> tuple[int, float, float]:

@@ -32,11 +32,12 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, refine
-from mlflow_knn_anomaly.backbone_specs import BACKBONES
-from mlflow_knn_anomaly.bank import Galleries
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.pyfunc_model import encode_mask, save_model
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.algorithm import anomaly_map, refine
+from mlflow_knn_anomaly.algorithm.backbone_specs import BACKBONES
+from mlflow_knn_anomaly.algorithm.bank import Galleries
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.mlops.pyfunc_model import encode_mask, save_model
 from mlflow_knn_anomaly.runtime import THREADS_ENV, configure_threads
 
 TIMED_SETS = ("mvtec_bottle", "mpdd_metal_plate")
@@ -69,8 +70,8 @@ def both(detector: SpadeDetector) -> dict[str, SpadeDetector]:
 def whole_gallery_blocks(on: bool):
     """0.4.0's stage 2: every pixel searched (exact_maps) in whole-gallery blocks of 128 queries, on
     galleries gathered from the bank per image (no layer prepared whole)."""
-    module = sys.modules["mlflow_knn_anomaly.knn"]  # the ones the loaded pyfunc calls
-    bank = sys.modules["mlflow_knn_anomaly.bank"]
+    module = sys.modules["mlflow_knn_anomaly.algorithm.knn"]  # the ones the loaded pyfunc calls
+    bank = sys.modules["mlflow_knn_anomaly.algorithm.bank"]
     real, share = module.block_shape, bank.WHOLE_SHARE
     if on:
         module.block_shape = lambda *args: (module.QUERY_ROWS, 0)

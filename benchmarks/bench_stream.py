@@ -18,7 +18,7 @@ from pathlib import Path
 from fitted import data_parser, fitted_detector
 
 from mlflow_knn_anomaly import SpadeDetector
-from mlflow_knn_anomaly.datasets import read_test
+from mlflow_knn_anomaly.evaluation.datasets import read_test
 
 
 def stream(normal: list[Path], anomalous: list[Path], length: int) -> list[Path]:

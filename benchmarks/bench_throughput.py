@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import make_synthetic, read_test, read_train
-from mlflow_knn_anomaly.images import prepare
+from mlflow_knn_anomaly.algorithm.images import prepare
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test, read_train
 from mlflow_knn_anomaly.runtime import configure_threads
 
 

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.evaluation import evaluate
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 METRICS = {"image ROCAUC": "image_auroc", "pixel ROCAUC": "pixel_auroc", "AUPRO@0.3": "aupro"}

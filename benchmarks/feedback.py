@@ -21,9 +21,9 @@ from monitor import model  # benchmarks/monitor.py: the same cached default mode
 from PIL import ImageEnhance
 
 from mlflow_knn_anomaly import SpadeDetector
-from mlflow_knn_anomaly.evaluation import LabelledImage, evaluate_samples, read_samples
-from mlflow_knn_anomaly.images import load_image
-from mlflow_knn_anomaly.metrics import aupro, image_auroc
+from mlflow_knn_anomaly.algorithm.images import load_image
+from mlflow_knn_anomaly.evaluation.evaluate import LabelledImage, evaluate_samples, read_samples
+from mlflow_knn_anomaly.evaluation.metrics import aupro, image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SETS = ("magnetic_tile", "mvtec_transistor", "mpdd_metal_plate", "elpv")

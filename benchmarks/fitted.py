@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import TestSample, read_train
+from mlflow_knn_anomaly.evaluation.datasets import TestSample, read_train
 from mlflow_knn_anomaly.runtime import configure_threads
 
 

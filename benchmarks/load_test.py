@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from mlflow_knn_anomaly.datasets import make_synthetic, read_test
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test
 
 
 def _tree(pid: int) -> list[int]:

@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.algorithm.drift import reasons
+from mlflow_knn_anomaly.algorithm.images import load_image
 from mlflow_knn_anomaly.config import MonitorLimits as Limits
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.drift import reasons
-from mlflow_knn_anomaly.images import load_image
-from mlflow_knn_anomaly.monitoring import batch_figures
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.mlops.monitoring import batch_figures
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SETS = ("mvtec_bottle", "magnetic_tile", "elpv")

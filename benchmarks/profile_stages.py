@@ -22,11 +22,12 @@ from fitted import data_parser, fitted_detector
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from mlflow_knn_anomaly import SpadeDetector, anomaly_map
-from mlflow_knn_anomaly.datasets import read_test
-from mlflow_knn_anomaly.images import load_image, prepare
-from mlflow_knn_anomaly.knn import pixel_knn
-from mlflow_knn_anomaly.pyfunc_model import encode_mask
+from mlflow_knn_anomaly import SpadeDetector
+from mlflow_knn_anomaly.algorithm import anomaly_map
+from mlflow_knn_anomaly.algorithm.images import load_image, prepare
+from mlflow_knn_anomaly.algorithm.knn import pixel_knn
+from mlflow_knn_anomaly.evaluation.datasets import read_test
+from mlflow_knn_anomaly.mlops.pyfunc_model import encode_mask
 
 
 class Clock:

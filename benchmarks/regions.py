@@ -23,10 +23,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from mlflow_knn_anomaly import SpadeDetector, pyfunc_model, save_model, spade
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.evaluation import evaluate_samples, read_samples
-from mlflow_knn_anomaly.regions import find_regions, region_metrics
+from mlflow_knn_anomaly import SpadeDetector, save_model
+from mlflow_knn_anomaly.algorithm import spade
+from mlflow_knn_anomaly.algorithm.regions import find_regions, region_metrics
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate_samples, read_samples
+from mlflow_knn_anomaly.mlops import pyfunc_model
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, metrics
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.evaluation import evaluate_samples, read_samples
-from mlflow_knn_anomaly.roi import roi_at
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.algorithm.roi import roi_at
+from mlflow_knn_anomaly.evaluation import metrics
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate_samples, read_samples
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -22,7 +22,8 @@ import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-from mlflow_knn_anomaly import tune_job, tuning
+from mlflow_knn_anomaly.evaluation import tuning
+from mlflow_knn_anomaly.mlops import tune_job
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")

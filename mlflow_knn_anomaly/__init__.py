@@ -10,17 +10,17 @@ from .version import __version__
 
 _PUBLIC = {
     "SpadeConfig": "config",
-    "LineDetector": "line",
-    "Region": "regions",
-    "decode_regions": "regions",
-    "Prediction": "spade",
-    "SpadeDetector": "spade",
+    "LineDetector": "algorithm.line",
+    "Region": "algorithm.regions",
+    "decode_regions": "algorithm.regions",
+    "Prediction": "algorithm.spade",
+    "SpadeDetector": "algorithm.spade",
     # the MLflow surface: the algorithm never needs mlflow at import
-    "log_model": "pyfunc_model",
-    "save_model": "pyfunc_model",
-    "load_model": "pyfunc_model",
-    "decode_mask": "pyfunc_model",
-    "decode_anomaly_map": "pyfunc_model",
+    "log_model": "mlops.pyfunc_model",
+    "save_model": "mlops.pyfunc_model",
+    "load_model": "mlops.pyfunc_model",
+    "decode_mask": "mlops.pyfunc_model",
+    "decode_anomaly_map": "mlops.pyfunc_model",
 }
 __all__ = ["__version__", *_PUBLIC]
 

@@ -115,7 +115,7 @@ def build_bank_command(
     """Fit on <data>/train/good (or each category of a root), log the model and register a new version."""
     config = _config(options)  # a bad option fails before torch and MLflow load
     configure_threads()
-    from . import jobs
+    from .mlops import jobs
 
     run_id, version = jobs.build_bank(
         data, config, model_name, skip_bad=skip_bad, spark_master=spark_master,
@@ -138,7 +138,7 @@ def update_bank_command(
     model_uri: str, data: str, images: str, model_name: str | None, skip_bad: bool, category: str
 ) -> None:
     """Add new normal images to a model's bank and register the result as a new version (recalibrated)."""
-    from . import jobs
+    from .mlops import jobs
 
     run_id, version = jobs.update_bank(
         model_uri, data or None, model_name, skip_bad=skip_bad, category=category or None, images=images or None
@@ -166,7 +166,7 @@ def monitor_command(
     """Score a batch of production images, log drift figures and an alert to <model name>-monitoring."""
     limits = MonitorLimits(p_value, min_change, max_anomalous_share, min_images)  # fails before torch loads
     configure_threads()
-    from . import monitoring
+    from .mlops import monitoring
 
     result = monitoring.monitor(model_uri, source, limits, experiment)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "figures"}))
@@ -184,7 +184,7 @@ def add_category_command(
     model_uri: str, data: str, category: str, category_settings: str, model_name: str | None, skip_bad: bool
 ) -> None:
     """Add a part type to a line model (one category's build) and register a new version."""
-    from . import line_jobs
+    from .mlops import line_jobs
 
     run_id, version = line_jobs.add_category(model_uri, data, category, category_settings or None, model_name, skip_bad)
     click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "category": category, "version": version}))
@@ -197,7 +197,7 @@ def add_category_command(
 @_runs
 def remove_category_command(model_uri: str, category: str, model_name: str | None) -> None:
     """Take a part type out of a line model and register a new version."""
-    from . import line_jobs
+    from .mlops import line_jobs
 
     run_id, version = line_jobs.remove_category(model_uri, category, model_name)
     click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "category": category, "version": version}))
@@ -216,7 +216,7 @@ def score_command(
     model_uri: str, source: str, output: str, master: str | None, category_column: str, category_from_folder: bool
 ) -> None:
     """Batch-score a folder on Apache Spark with mlflow.pyfunc.spark_udf."""
-    from . import spark
+    from .mlops import spark
 
     rows = spark.score(spark.session(master), model_uri, source, output, category_column or None, category_from_folder)
     click.echo(json.dumps({"rows": rows, "output": output}))
@@ -228,7 +228,7 @@ def score_command(
 @_runs
 def evaluate_command(model_uri: str, data: str) -> None:
     """Evaluate on <data>/test: metrics, curves and overlays; tag the model version."""
-    from . import jobs
+    from .mlops import jobs
 
     click.echo(json.dumps(jobs.evaluate(model_uri, data), indent=2))
 
@@ -243,7 +243,7 @@ def evaluate_command(model_uri: str, data: str) -> None:
 @_runs
 def promote_command(model_name: str, candidate: str, metric: str, min_delta: float, max_category_drop: float) -> None:
     """Move @champion to the candidate if it beats the champion on the same data."""
-    from . import registry
+    from .mlops import registry
 
     decision = registry.promote(model_name, candidate, metric, min_delta, max_category_drop)
     click.echo(json.dumps(dataclasses.asdict(decision)))
@@ -254,7 +254,7 @@ def promote_command(model_name: str, candidate: str, metric: str, min_delta: flo
 @_runs
 def rollback_command(model_name: str) -> None:
     """Swap @champion and @previous."""
-    from . import registry
+    from .mlops import registry
 
     click.echo(json.dumps(dataclasses.asdict(registry.rollback(model_name))))
 
@@ -282,7 +282,7 @@ def tune_command(
     config = _config(options)  # bad settings fail before torch and MLflow load
     settings = TuneSettings(validation_fraction, seed, n_bootstrap, required_win_rate, min_images)
     configure_threads()
-    from . import tune_job
+    from .mlops import tune_job
 
     click.echo(json.dumps(tune_job.tune(data, model_name, config, settings, validation or None, skip_bad)))
 
@@ -303,7 +303,7 @@ def main_command(
     """The whole lifecycle: build bank -> evaluate -> register -> promote."""
     config = _config(options)
     configure_threads()
-    from . import jobs
+    from .mlops import jobs
 
     decision = jobs.lifecycle(
         data, config, model_name, metric, min_delta, skip_bad=skip_bad,

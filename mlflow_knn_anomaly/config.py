@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .backbone_specs import BACKBONES
+from .algorithm.backbone_specs import BACKBONES
 
 SEGMENT_MODES = ("auto", "all", "none")
 LAYER_COMBINES = ("mean", "geometric")
@@ -102,7 +102,8 @@ class SpadeConfig:
             share of its area below 1 (0 keeps every speck). The default, 0.05 % of the image (33
             pixels of 256 x 256), is the largest that lost no region recall on the shared sets
             with masks, and halved the false regions on anomalous images (benchmarks/regions.py).
-        batch_size: images per backbone forward pass.
+        batch_size: images decoded and sent to the backbone at once (on a CPU, an input larger than
+            256 x 256 goes through it in smaller passes: `backbones.CPU_PASS_PIXELS`).
         device: where the backbone and the pixel kNN run: "auto" (a CUDA GPU when there is one),
             "cpu" or "cuda". The bank stays in host memory; only each query's gallery moves.
     """

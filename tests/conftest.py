@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from mlflow_knn_anomaly import SpadeDetector
-from mlflow_knn_anomaly.datasets import make_synthetic, read_train
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_train
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
 
 
 def test_tampered_artifact_is_refused(saved_detector, tmp_path):

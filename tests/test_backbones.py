@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mlflow_knn_anomaly.backbones import BACKBONES, build_backbone, load_state_dict
+from mlflow_knn_anomaly.algorithm.backbones import BACKBONES, build_backbone, load_state_dict
 
 LITE0_SHA256 = "5ddd2127c0bca728e964962e23156ff1c18c212e2338a9541f1fe37b6a1c67e9"
 CAT_CLASSES = {281, 282, 283, 284, 285}  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -43,6 +43,28 @@ def test_pyramid_matches_declared_channels_and_strides(name):
     assert list(pyramid.features) == list(layers)
     for layer in spec.layers:
         assert pyramid.features[layer.name].shape == (2, layer.channels, 128 // layer.stride, 128 // layer.stride)
+
+
+def test_a_large_batch_goes_through_in_passes_of_the_pixel_budget_with_the_same_features(monkeypatch):
+    backbone = build_backbone("efficientnet_lite0", "random", ("blocks.1", "blocks.4"))
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    passes = []
+    monkeypatch.setattr(backbone, "_forward", _counting(backbone._forward, passes))
+    whole = backbone.extract(images)  # 5 x 64 x 64 pixels: within the budget, one pass
+    monkeypatch.setattr("mlflow_knn_anomaly.algorithm.backbones.CPU_PASS_PIXELS", 2 * 64 * 64)
+    split = backbone.extract(images)
+    assert passes == [5, 2, 2, 1]
+    torch.testing.assert_close(split.pooled, whole.pooled, rtol=1e-4, atol=1e-5)
+    for name in ("blocks.1", "blocks.4"):
+        torch.testing.assert_close(split.features[name], whole.features[name], rtol=1e-4, atol=1e-5)
+
+
+def _counting(forward, passes):
+    def counted(images):
+        passes.append(len(images))
+        return forward(images)
+
+    return counted
 
 
 def test_random_weights_are_deterministic():

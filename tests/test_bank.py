@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_knn_anomaly.bank import FeatureBank, Galleries
-from mlflow_knn_anomaly.knn import PixelGallery
+from mlflow_knn_anomaly.algorithm.bank import FeatureBank, Galleries
+from mlflow_knn_anomaly.algorithm.knn import PixelGallery
 
 ROWS = (30, 12, 30, 20)  # images of different sizes: 5x6, 3x4, 5x6, 4x5 on blocks.1
 
@@ -38,7 +38,7 @@ def test_gallery_is_the_rows_of_the_chosen_images_of_any_size():
 
 
 def test_galleries_hold_the_rows_and_norms_of_the_nearest_images_however_assembled(tmp_path, monkeypatch):
-    monkeypatch.setattr("mlflow_knn_anomaly.bank.WHOLE_SHARE", 2)
+    monkeypatch.setattr("mlflow_knn_anomaly.algorithm.bank.WHOLE_SHARE", 2)
     bank, _ = _bank()  # float16, memory-mapped as saved models are
     bank.save(tmp_path / "bank")
     bank = FeatureBank.load(tmp_path / "bank")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from mlflow_knn_anomaly import bootstrap, metrics
+from mlflow_knn_anomaly.evaluation import bootstrap, metrics
 
 
 @pytest.fixture

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlflow_knn_anomaly.calibration import Calibration, control_limit, recall_gate, synthetic_anomalies
-from mlflow_knn_anomaly.datasets import normal_part
+from mlflow_knn_anomaly.algorithm.calibration import Calibration, control_limit, recall_gate, synthetic_anomalies
+from mlflow_knn_anomaly.evaluation.datasets import normal_part
 
 
 def _parts(n: int, size: int = 96) -> list[Image.Image]:

@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from mlflow_knn_anomaly.datasets import make_synthetic, read_test, read_train
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test, read_train
 
 
 def _digest(root):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
 from mlflow_knn_anomaly.runtime import resolve_device
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here: the CUDA path is not run")

@@ -9,10 +9,10 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 
 from mlflow_knn_anomaly import SpadeDetector
-from mlflow_knn_anomaly.artifacts import BANK_DIR, CONFIG_FILE, sha256
+from mlflow_knn_anomaly.algorithm.artifacts import BANK_DIR, CONFIG_FILE, sha256
+from mlflow_knn_anomaly.algorithm.drift import NormalReference, drift_figures, image_statistics, reasons
 from mlflow_knn_anomaly.config import MonitorLimits
-from mlflow_knn_anomaly.datasets import read_test
-from mlflow_knn_anomaly.drift import NormalReference, drift_figures, image_statistics, reasons
+from mlflow_knn_anomaly.evaluation.datasets import read_test
 
 
 def _input(image: Image.Image) -> torch.Tensor:

@@ -10,10 +10,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import MetricThreshold
 from mlflow.models.evaluation.validation import ModelValidationFailedException
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, log_model, registry
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.evaluation import LabelledImage, evaluate_samples, read_samples
-from mlflow_knn_anomaly.evaluator import EVALUATOR_NAME, MODEL_TYPE, frame_from_folder, samples_from_frame
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, log_model
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.evaluate import LabelledImage, evaluate_samples, read_samples
+from mlflow_knn_anomaly.mlops import registry
+from mlflow_knn_anomaly.mlops.evaluator import EVALUATOR_NAME, MODEL_TYPE, frame_from_folder, samples_from_frame
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mlflow_knn_anomaly.images import Geometry, load_image, network_size, prepare
+from mlflow_knn_anomaly.algorithm.images import Geometry, load_image, network_size, prepare
 
 from .conftest import encode_image
 

@@ -15,8 +15,9 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, jobs, registry
-from mlflow_knn_anomaly.datasets import make_synthetic, read_train
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_train
+from mlflow_knn_anomaly.mlops import jobs, registry
 
 SMALL = SpadeConfig(k_images=3, batch_size=4)
 
@@ -104,7 +105,7 @@ def test_same_data_gives_bit_identical_banks_across_processes_and_disk_order(tmp
         """
         import sys
         from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-        from mlflow_knn_anomaly.datasets import read_train
+        from mlflow_knn_anomaly.evaluation.datasets import read_train
         SpadeDetector(SpadeConfig(k_images=3)).fit(read_train(sys.argv[1])).save(sys.argv[2])
         """
     )
@@ -120,7 +121,8 @@ KILLER = textwrap.dedent(
     """
     # Fault injection by monkeypatch: the second feature batch of the build raises or signals.
     import os, signal, sys, time
-    from mlflow_knn_anomaly import cli, spade
+    from mlflow_knn_anomaly import cli
+    from mlflow_knn_anomaly.algorithm import spade
 
     fault = sys.argv[1]
     original = spade.SpadeDetector.extract

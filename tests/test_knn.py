@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_knn_anomaly import knn
-from mlflow_knn_anomaly.knn import ImageIndex, pixel_knn
+from mlflow_knn_anomaly.algorithm import knn
+from mlflow_knn_anomaly.algorithm.knn import ImageIndex, pixel_knn
 
 
 @pytest.mark.parametrize("kappa", [1, 3])

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from mlflow_knn_anomaly import decode_mask, log_model
-from mlflow_knn_anomaly.datasets import read_test
+from mlflow_knn_anomaly.evaluation.datasets import read_test
 
 from .conftest import free_port
 

@@ -9,9 +9,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, decode_mask, save_model
-from mlflow_knn_anomaly.artifacts import sha256
-from mlflow_knn_anomaly.datasets import make_synthetic, read_test, read_train
-from mlflow_knn_anomaly.line import LineDetector, check_category_names, check_shared_settings
+from mlflow_knn_anomaly.algorithm.artifacts import sha256
+from mlflow_knn_anomaly.algorithm.line import LineDetector, check_category_names, check_shared_settings
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test, read_train
 
 SMALL = SpadeConfig(k_images=3)
 # Two part types that differ in a per-category setting (sigma), as a line's categories may.

@@ -8,10 +8,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mlflow_knn_anomaly import SpadeConfig, jobs, line_jobs
-from mlflow_knn_anomaly.artifacts import sha256
-from mlflow_knn_anomaly.datasets import make_synthetic
-from mlflow_knn_anomaly.line import LineDetector
+from mlflow_knn_anomaly import SpadeConfig
+from mlflow_knn_anomaly.algorithm.artifacts import sha256
+from mlflow_knn_anomaly.algorithm.line import LineDetector
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic
+from mlflow_knn_anomaly.mlops import jobs, line_jobs
 
 SMALL = SpadeConfig(k_images=3)
 

@@ -9,8 +9,8 @@ import pytest
 import requests
 
 from mlflow_knn_anomaly import SpadeConfig, save_model
-from mlflow_knn_anomaly.datasets import make_synthetic, read_test, read_train
-from mlflow_knn_anomaly.line import LineDetector
+from mlflow_knn_anomaly.algorithm.line import LineDetector
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test, read_train
 
 from .conftest import served
 
@@ -88,7 +88,7 @@ def test_spark_scores_a_line_with_the_category_of_each_folder(model, line, roots
     if shutil.which("java") is None:
         pytest.skip("Spark needs Java (java not found on PATH)")
     pytest.importorskip("pyspark", reason="pyspark is not installed: pip install '.[spark]'")
-    from mlflow_knn_anomaly.spark import score, session
+    from mlflow_knn_anomaly.mlops.spark import score, session
 
     source = tmp_path / "images"
     for name, root in roots.items():

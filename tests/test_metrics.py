@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlflow_knn_anomaly import metrics
+from mlflow_knn_anomaly.evaluation import metrics
 
 
 def test_image_auroc_hand_computed():

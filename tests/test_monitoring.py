@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
-from mlflow_knn_anomaly import SpadeConfig, jobs, monitoring
-from mlflow_knn_anomaly.datasets import make_synthetic, read_image_list, read_test
+from mlflow_knn_anomaly import SpadeConfig
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_image_list, read_test
+from mlflow_knn_anomaly.mlops import jobs, monitoring
 
 SMALL = SpadeConfig(k_images=3)
 

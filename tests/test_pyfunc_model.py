@@ -1,5 +1,6 @@
 import base64
 import io
+import shutil
 import sys
 
 import mlflow
@@ -11,7 +12,7 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from mlflow_knn_anomaly import decode_anomaly_map, decode_mask, load_model
-from mlflow_knn_anomaly.datasets import read_test
+from mlflow_knn_anomaly.evaluation.datasets import read_test
 
 from .conftest import encode_image
 
@@ -24,8 +25,8 @@ def pyfunc(model_dir):
 def test_model_directory_has_flavor_code_signature_and_no_pickle(model_dir):
     mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     assert "mlflow_knn_anomaly" in mlmodel["flavors"]
-    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_knn_anomaly.pyfunc_model"
-    assert (model_dir / "code" / "mlflow_knn_anomaly" / "spade.py").is_file()
+    assert mlmodel["flavors"]["python_function"]["loader_module"] == "mlflow_knn_anomaly.mlops.pyfunc_model"
+    assert (model_dir / "code" / "mlflow_knn_anomaly" / "algorithm" / "spade.py").is_file()
     assert (model_dir / "data" / "detector" / "weights.safetensors").is_file()
     assert {"segment", "image_threshold", "pixel_threshold", "return_anomaly_map"} <= {
         p["name"] for p in yaml.safe_load(mlmodel["signature"]["params"])
@@ -42,6 +43,21 @@ def test_pyfunc_predict_equals_the_detector(pyfunc, fitted, synthetic_root):
     for text, mask in zip(out["mask"], expected.masks):
         np.testing.assert_array_equal(decode_mask(text), mask)
     assert (out["error"] == "").all()
+
+
+def test_a_model_saved_before_the_layer_folders_loads_through_its_old_loader_module(model_dir, fitted, tmp_path):
+    # 0.5.0 and earlier named `mlflow_knn_anomaly.pyfunc_model`; with the package already imported
+    # (as in any process that loaded MLflow's evaluator plugins), that name is looked up in today's code
+    old = tmp_path / "old-model"
+    shutil.copytree(model_dir, old)
+    mlmodel = yaml.safe_load((old / "MLmodel").read_text())
+    mlmodel["flavors"]["python_function"]["loader_module"] = "mlflow_knn_anomaly.pyfunc_model"
+    (old / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    image = fitted.holdout[0]
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    out = mlflow.pyfunc.load_model(str(old)).predict(pd.DataFrame({"image": [buffer.getvalue()]}))
+    assert out["error"][0] == "" and out["score"][0] == pytest.approx(fitted.predict([image]).scores[0], rel=1e-5)
 
 
 def test_bad_rows_get_errors_and_good_rows_still_come_back_in_order(pyfunc, synthetic_root):
@@ -84,7 +100,7 @@ def test_threshold_params_override(pyfunc, synthetic_root):
     ],
 )
 def test_unreadable_requests_say_what_was_expected(model_dir, frame, params, message):
-    from mlflow_knn_anomaly.pyfunc_model import _load_pyfunc
+    from mlflow_knn_anomaly.mlops.pyfunc_model import _load_pyfunc
 
     raw = _load_pyfunc(str(model_dir / "data" / "detector"))
     with pytest.raises(MlflowException, match=message):
@@ -128,7 +144,7 @@ def test_regions_come_back_as_json_and_min_region_area_is_a_request_param(pyfunc
     frame = pd.DataFrame({"image": [path.read_bytes()]})
     out = pyfunc.predict(frame, params={"segment": "all"})
     expected = fitted.predict([path], segment="all")
-    from mlflow_knn_anomaly.regions import encode_regions
+    from mlflow_knn_anomaly.algorithm.regions import encode_regions
 
     assert out["regions"][0] == encode_regions(expected.regions[0]) and decode_regions(out["regions"][0])
     big = pyfunc.predict(frame, params={"segment": "all", "min_region_area": 0.5})  # half the image: none

@@ -31,7 +31,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image, ImageEnhance
 
-from mlflow_knn_anomaly import registry
+from mlflow_knn_anomaly.mlops import registry
 from mlflow_knn_anomaly.runtime import THREADS_ENV
 
 from .conftest import free_port, mlflow_store, shared_dataset, shared_subset

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.knn import pixel_knn
-from mlflow_knn_anomaly.refine import window_bounds
+from mlflow_knn_anomaly.algorithm.knn import pixel_knn
+from mlflow_knn_anomaly.algorithm.refine import window_bounds
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
 
 
 def _exact(fmap: torch.Tensor, gallery: torch.Tensor, kappa: int) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_the_refined_map_is_exact_where_it_reaches_the_threshold_and_a_bound_els
 
 def test_a_returned_map_is_always_exact(pair, synthetic_root, monkeypatch):
     refined, exact = pair
-    from mlflow_knn_anomaly import refine
+    from mlflow_knn_anomaly.algorithm import refine
 
     path = read_test(synthetic_root)[-1].path
     expected = exact.predict([path], segment="all").anomaly_maps[0]
@@ -111,7 +111,7 @@ def test_a_normal_image_skips_most_of_the_exhaustive_search(pair, synthetic_root
 
 def test_exact_maps_searches_every_pixel(pair, synthetic_root, monkeypatch):
     _, exact = pair
-    from mlflow_knn_anomaly import refine
+    from mlflow_knn_anomaly.algorithm import refine
 
     monkeypatch.setattr(refine, "refined_map", lambda *a, **k: pytest.fail("exact_maps=True must not refine"))
     exact.predict([read_test(synthetic_root)[0].path], segment="all", return_maps=False)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from mlflow_knn_anomaly.regions import (
+from mlflow_knn_anomaly.algorithm.regions import (
     Region,
     RegionCounts,
     decode_regions,

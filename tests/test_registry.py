@@ -2,7 +2,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from mlflow_knn_anomaly import registry
+from mlflow_knn_anomaly.mlops import registry
 
 
 @pytest.fixture()

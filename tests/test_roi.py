@@ -8,8 +8,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.datasets import make_synthetic, read_test, read_train
-from mlflow_knn_anomaly.roi import check_roi, read_roi
+from mlflow_knn_anomaly.algorithm.roi import check_roi, read_roi
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test, read_train
 
 SIZE = 128
 

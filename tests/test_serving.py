@@ -20,7 +20,7 @@ import requests
 from PIL import Image
 
 from mlflow_knn_anomaly import decode_mask, save_model
-from mlflow_knn_anomaly.datasets import read_test
+from mlflow_knn_anomaly.evaluation.datasets import read_test
 from mlflow_knn_anomaly.runtime import THREADS_ENV
 
 from .conftest import assert_masks_agree, encode_image, free_port, served, wait_until_up

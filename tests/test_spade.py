@@ -3,11 +3,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map, metrics
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.evaluation import evaluate
-from mlflow_knn_anomaly.images import prepare
-from mlflow_knn_anomaly.spade import fuse_scores, split_holdout
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.algorithm import anomaly_map
+from mlflow_knn_anomaly.algorithm.images import prepare
+from mlflow_knn_anomaly.algorithm.spade import fuse_scores, split_holdout
+from mlflow_knn_anomaly.evaluation import metrics
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate
 
 
 def test_synthetic_defects_land_on_the_map_maximum_and_normals_pass(fitted, synthetic_root):
@@ -135,7 +137,7 @@ def test_bottle_meets_the_accuracy_floors(bottle):
 
 
 def test_random_projection_is_fixed_and_roughly_preserves_distances():
-    from mlflow_knn_anomaly.spade import random_projection
+    from mlflow_knn_anomaly.algorithm.spade import random_projection
 
     a = random_projection("blocks.4", 112, 64)
     assert torch.equal(a, random_projection.__wrapped__("blocks.4", 112, 64))  # rebuilt, not cached

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, decode_mask, save_model
-from mlflow_knn_anomaly.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
 
 from .conftest import assert_masks_agree
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def spark():
     if shutil.which("java") is None:
         pytest.skip("Spark needs Java (java not found on PATH)")
-    from mlflow_knn_anomaly.spark import session
+    from mlflow_knn_anomaly.mlops.spark import session
 
     spark = session("local[2]")
     yield spark
@@ -33,7 +33,7 @@ def _hashes(path):
 
 
 def test_spark_built_bank_is_byte_identical_to_a_local_build(spark, synthetic_root, tmp_path):
-    from mlflow_knn_anomaly.spark import build_bank
+    from mlflow_knn_anomaly.mlops.spark import build_bank
 
     images = read_train(synthetic_root)
     remote = build_bank(spark, images, SpadeConfig()).save(tmp_path / "spark")
@@ -42,7 +42,7 @@ def test_spark_built_bank_is_byte_identical_to_a_local_build(spark, synthetic_ro
 
 
 def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_path):
-    from mlflow_knn_anomaly.spark import score
+    from mlflow_knn_anomaly.mlops.spark import score
 
     root, detector = bottle
     save_model(detector, tmp_path / "model")
@@ -64,7 +64,7 @@ def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_pa
     threshold = detector.thresholds()[1]
     assert list(good["path"].str.split("/").str[-2:].str.join("/")) == [names[i] for i in order]
     np.testing.assert_allclose(good["score"].to_numpy(float), expected.scores, rtol=1e-5)
-    from mlflow_knn_anomaly.regions import decode_regions, encode_regions
+    from mlflow_knn_anomaly.algorithm.regions import decode_regions, encode_regions
 
     for i, (text, mask_png) in enumerate(zip(good["regions"], good["mask"])):
         if not expected.segmented[i]:
@@ -82,7 +82,7 @@ def test_spark_scoring_of_bottle_equals_in_process_predict(spark, bottle, tmp_pa
 
 
 def test_a_parquet_table_of_image_bytes_scores_like_the_folder(spark, saved_detector, synthetic_root, tmp_path):
-    from mlflow_knn_anomaly.spark import score
+    from mlflow_knn_anomaly.mlops.spark import score
 
     model = tmp_path / "model"
     save_model(SpadeDetector.load(saved_detector), model)

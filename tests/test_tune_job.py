@@ -10,9 +10,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, registry, tune_job, tuning
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
 from mlflow_knn_anomaly.config import TuneSettings
-from mlflow_knn_anomaly.datasets import make_synthetic, read_train
+from mlflow_knn_anomaly.evaluation import tuning
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_train
+from mlflow_knn_anomaly.mlops import registry, tune_job
 
 SETTINGS = {"resize", "feature_pool", "score_fusion"}
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from mlflow_knn_anomaly import tuning
-from mlflow_knn_anomaly.datasets import make_synthetic
+from mlflow_knn_anomaly.evaluation import tuning
+from mlflow_knn_anomaly.evaluation.datasets import make_synthetic
 
 
 @pytest.fixture(scope="module")

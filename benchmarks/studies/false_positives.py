@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, metrics
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.evaluation import evaluate
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.evaluation import metrics
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.evaluate import evaluate
 from mlflow_knn_anomaly.runtime import configure_threads
 
 FPR_LIMIT = 0.3

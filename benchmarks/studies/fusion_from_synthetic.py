@@ -19,11 +19,11 @@ import numpy as np
 from PIL import ImageOps
 
 from mlflow_knn_anomaly import SpadeDetector
-from mlflow_knn_anomaly.calibration import synthetic_anomalies
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.metrics import image_auroc
+from mlflow_knn_anomaly.algorithm.calibration import synthetic_anomalies
+from mlflow_knn_anomaly.algorithm.spade import fuse_scores
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
-from mlflow_knn_anomaly.spade import fuse_scores
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")

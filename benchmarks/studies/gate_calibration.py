@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
-from mlflow_knn_anomaly.calibration import recall_gate, synthetic_anomalies
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.images import load_image
-from mlflow_knn_anomaly.metrics import image_auroc
+from mlflow_knn_anomaly.algorithm.calibration import recall_gate, synthetic_anomalies
+from mlflow_knn_anomaly.algorithm.images import load_image
+from mlflow_knn_anomaly.algorithm.spade import split_holdout
+from mlflow_knn_anomaly.evaluation.datasets import read_train
+from mlflow_knn_anomaly.evaluation.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
-from mlflow_knn_anomaly.spade import split_holdout
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 

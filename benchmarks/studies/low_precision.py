@@ -24,9 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fitted import data_parser, fitted_detector, layer_searches  # noqa: E402
 
-from mlflow_knn_anomaly.datasets import read_test  # noqa: E402
-from mlflow_knn_anomaly.knn import pixel_knn  # noqa: E402
-from mlflow_knn_anomaly.refine import window_bounds  # noqa: E402
+from mlflow_knn_anomaly.algorithm.knn import pixel_knn  # noqa: E402
+from mlflow_knn_anomaly.algorithm.refine import window_bounds  # noqa: E402
+from mlflow_knn_anomaly.evaluation.datasets import read_test  # noqa: E402
 
 UNIT = 2.0**-8  # bf16's unit roundoff
 

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, anomaly_map
-from mlflow_knn_anomaly.calibration import score_stats
-from mlflow_knn_anomaly.datasets import read_test, read_train
-from mlflow_knn_anomaly.metrics import image_auroc
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.algorithm import anomaly_map
+from mlflow_knn_anomaly.algorithm.calibration import score_stats
+from mlflow_knn_anomaly.algorithm.spade import fuse_scores
+from mlflow_knn_anomaly.evaluation.datasets import read_test, read_train
+from mlflow_knn_anomaly.evaluation.metrics import image_auroc
 from mlflow_knn_anomaly.runtime import configure_threads
-from mlflow_knn_anomaly.spade import fuse_scores
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 SETS = ("mvtec_bottle", "magnetic_tile", "mpdd_metal_plate", "mvtec_transistor", "elpv")

@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fitted import data_parser, fitted_detector, layer_searches  # noqa: E402
 
-from mlflow_knn_anomaly.datasets import read_test  # noqa: E402
-from mlflow_knn_anomaly.knn import PixelGallery, pixel_knn  # noqa: E402
+from mlflow_knn_anomaly.algorithm.knn import PixelGallery, pixel_knn  # noqa: E402
+from mlflow_knn_anomaly.evaluation.datasets import read_test  # noqa: E402
 
 ROWS = 128  # query rows per block
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlflow_knn_anomaly import SpadeConfig, SpadeDetector, metrics
-from mlflow_knn_anomaly.calibration import synthetic_anomalies
-from mlflow_knn_anomaly.datasets import read_train
-from mlflow_knn_anomaly.images import to_rgb
+from mlflow_knn_anomaly import SpadeConfig, SpadeDetector
+from mlflow_knn_anomaly.algorithm.calibration import synthetic_anomalies
+from mlflow_knn_anomaly.algorithm.images import to_rgb
+from mlflow_knn_anomaly.evaluation import metrics
+from mlflow_knn_anomaly.evaluation.datasets import read_train
 from mlflow_knn_anomaly.runtime import configure_threads
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"

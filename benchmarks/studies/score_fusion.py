@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlflow_knn_anomaly.metrics import image_auroc
+from mlflow_knn_anomaly.evaluation.metrics import image_auroc
 
 FUSIONS = {
     "map (product)": lambda zk, zm: zm,

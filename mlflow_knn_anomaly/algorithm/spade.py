@@ -21,18 +21,18 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import SpadeConfig, check_segment, check_threshold
+from ..runtime import resolve_device
 from . import anomaly_map, artifacts, refine
 from .backbone_specs import BACKBONES
 from .backbones import Backbone, FeaturePyramid, build_backbone
 from .bank import FeatureBank, Galleries
 from .calibration import Calibration, control_limit, recall_gate, score_stats, synthetic_anomalies
-from .config import SpadeConfig, check_segment, check_threshold
 from .drift import NormalReference, image_statistics
 from .images import ImageLike, image_size, load_image, prepare
 from .knn import ImageIndex
 from .regions import Region, find_regions
 from .roi import check_roi, read_roi, roi_at, roi_on_input
-from .runtime import resolve_device
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,14 @@ import torch
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from . import jobs, registry, tuning
-from .backbones import Backbone, FeaturePyramid
-from .config import SpadeConfig, TuneSettings
-from .datasets import TestSample, find_categories, is_mvtec_folder, read_mask
-from .evaluation import LabelledImage, evaluate_samples
-from .line import LineDetector
-from .spade import SpadeDetector
+from ..algorithm.backbones import Backbone, FeaturePyramid
+from ..algorithm.line import LineDetector
+from ..algorithm.spade import SpadeDetector
+from ..config import SpadeConfig, TuneSettings
+from ..evaluation import tuning
+from ..evaluation.datasets import TestSample, find_categories, is_mvtec_folder, read_mask
+from ..evaluation.evaluate import LabelledImage, evaluate_samples
+from . import jobs, registry
 
 TEST_FIGURES = ("image_auroc", "pixel_auroc", "aupro")
 

@@ -16,6 +16,13 @@ from torch import nn
 
 from .backbone_specs import BACKBONES, BackboneSpec
 
+# Input pixels per forward pass on a CPU: the default batch (4 images) at the default 256 x 256.
+# Past that the early layers' activations fall out of cache: on this project's AMD EPYC (2 threads)
+# an image cost 78 ms at 384 x 384 one at a time and 105 ms four at a time, 127 and 340 ms at 512
+# (benchmarks/bench_backbone.py). A larger input is put through in smaller passes; the default's
+# batches are as before. A GPU takes the whole batch.
+CPU_PASS_PIXELS = 4 * 256 * 256
+
 
 @dataclass(frozen=True)
 class FeaturePyramid:
@@ -55,7 +62,7 @@ class Backbone(nn.Module):
 
     @torch.inference_mode()
     def extract(self, images: torch.Tensor) -> FeaturePyramid:
-        """Features of a batch.
+        """Features of a batch (on a CPU, in passes of at most CPU_PASS_PIXELS input pixels).
 
         Args:
             images: (N, 3, H, W) RGB floats in [0, 1] (normalised here, per backbone).
@@ -63,6 +70,18 @@ class Backbone(nn.Module):
         Returns:
             FeaturePyramid with pooled (N, D) and maps {layer: (N, C, H/stride, W/stride)}.
         """
+        per_pass = len(images)
+        if images.device.type == "cpu":
+            per_pass = max(1, CPU_PASS_PIXELS // (images.shape[2] * images.shape[3]))
+        parts = [self._forward(chunk) for chunk in images.split(per_pass)]
+        if len(parts) == 1:
+            return parts[0]
+        return FeaturePyramid(
+            pooled=torch.cat([p.pooled for p in parts]),
+            features={name: torch.cat([p.features[name] for p in parts]) for name in self.layers},
+        )
+
+    def _forward(self, images: torch.Tensor) -> FeaturePyramid:
         # The hooks write into one dict: a lock keeps concurrent callers (a server's request
         # threads) from reading each other's features. torch still uses its threads inside.
         with self._lock:

@@ -9,8 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
-from .evaluation import Evaluation  # noqa: E402
-from .images import load_image  # noqa: E402
+from ..algorithm.images import load_image  # noqa: E402
+from .evaluate import Evaluation  # noqa: E402
 
 
 def roc_figure(result: Evaluation) -> plt.Figure:

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..config import SpadeConfig
 from . import artifacts
 from .backbones import Backbone, build_backbone
-from .config import SpadeConfig
 from .images import ImageLike
 from .spade import SpadeDetector
 

@@ -23,15 +23,22 @@ from mlflow.data.pandas_dataset import PandasDataset
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from ..algorithm.images import load_image
+from ..algorithm.line import LineDetector
+from ..algorithm.spade import SpadeDetector, split_holdout
+from ..config import SYNTHETIC, SpadeConfig
+from ..evaluation.datasets import (
+    find_categories,
+    is_mvtec_folder,
+    make_synthetic,
+    read_image_list,
+    read_test,
+    read_train,
+)
+from ..evaluation.evaluate import PIXEL_METRICS
 from . import registry
-from .config import SYNTHETIC, SpadeConfig
-from .datasets import find_categories, is_mvtec_folder, make_synthetic, read_image_list, read_test, read_train
-from .evaluation import PIXEL_METRICS
 from .evaluator import EVALUATOR_NAME, MEAN, MODEL_TYPE, frame_from_folder
-from .images import load_image
-from .line import LineDetector
 from .pyfunc_model import load_model, log_model, model_categories, model_flavor
-from .spade import SpadeDetector, split_holdout
 
 _logger = logging.getLogger(__name__)
 

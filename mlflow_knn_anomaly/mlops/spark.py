@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .bank import FeatureBank
-from .config import SpadeConfig
-from .datasets import IMAGE_SUFFIXES
+from ..algorithm.bank import FeatureBank
+from ..algorithm.spade import SpadeDetector, split_holdout
+from ..config import SpadeConfig
+from ..evaluation.datasets import IMAGE_SUFFIXES
 from .pyfunc_model import OUTPUT
-from .spade import SpadeDetector, split_holdout
 
 # Output columns and their Spark types. spark_udf cannot cast a numeric column that mixes values
 # with the nulls of a bad row, so every field crosses the UDF as a string and is cast back here

@@ -15,12 +15,12 @@ from pathlib import Path
 import mlflow
 from mlflow import MlflowClient
 
+from ..algorithm.line import LineDetector, check_category_names, check_shared_settings
+from ..algorithm.spade import SpadeDetector, split_holdout
+from ..config import SpadeConfig, read_category_settings, with_settings
+from ..evaluation.datasets import find_categories, is_mvtec_folder
 from . import jobs, registry
-from .config import SpadeConfig, read_category_settings, with_settings
-from .datasets import find_categories, is_mvtec_folder
-from .line import LineDetector, check_category_names, check_shared_settings
 from .pyfunc_model import load_model, model_category
-from .spade import SpadeDetector, split_holdout
 
 _logger = logging.getLogger(__name__)
 CATEGORIES_TAG = registry.CATEGORIES_TAG

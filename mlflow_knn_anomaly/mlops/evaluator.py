@@ -36,11 +36,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.evaluation import EvaluationResult, ModelEvaluator
 from mlflow.models.evaluation.artifacts import ImageEvaluationArtifact
 
-from .datasets import NORMAL, read_mask, read_test
-from .evaluation import Evaluation, LabelledImage, evaluate_samples
-from .line import LineDetector
-from .plots import overlay_grid, pro_curve_figure, roc_figure
-from .spade import SpadeDetector
+from ..algorithm.line import LineDetector
+from ..algorithm.spade import SpadeDetector
+from ..evaluation.datasets import NORMAL, read_mask, read_test
+from ..evaluation.evaluate import Evaluation, LabelledImage, evaluate_samples
+from ..evaluation.plots import overlay_grid, pro_curve_figure, roc_figure
 
 MODEL_TYPE = "anomaly-detection"
 EVALUATOR_NAME = "knn_anomaly"

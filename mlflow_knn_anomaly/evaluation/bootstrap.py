@@ -116,6 +116,8 @@ def stratified_counts(labels: np.ndarray, n_resamples: int, seed: int = 0) -> li
     rng = np.random.default_rng(seed)
     normal, anomalous = np.flatnonzero(~labels), np.flatnonzero(labels)
     return [
-        np.bincount(np.r_[rng.choice(normal, len(normal)), rng.choice(anomalous, len(anomalous))], minlength=len(labels))
+        np.bincount(
+            np.r_[rng.choice(normal, len(normal)), rng.choice(anomalous, len(anomalous))], minlength=len(labels)
+        )
         for _ in range(n_resamples)
     ]

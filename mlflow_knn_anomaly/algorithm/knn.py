@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import torch
 
-from .config import IMAGE_INDEXES
+from ..config import IMAGE_INDEXES
 
 # How pixel_knn blocks its GEMM: (query rows, gallery rows) per block, 0 meaning the whole gallery.
 # Which is fastest depends on the CPU and on the layer's shape: whole-gallery blocks of 128 queries

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
-from .config import MonitorLimits
+from ..config import MonitorLimits
 
 STATISTICS = ("brightness", "contrast", "sharpness")
 _GRAY = (0.299, 0.587, 0.114)  # ITU-R BT.601 luma

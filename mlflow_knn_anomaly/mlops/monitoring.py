@@ -19,14 +19,14 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 
+from ..algorithm.drift import drift_figures, reasons
+from ..algorithm.images import load_image
+from ..algorithm.line import LineDetector
+from ..algorithm.spade import SpadeDetector
+from ..config import MonitorLimits
+from ..evaluation.datasets import IMAGE_SUFFIXES, LIST_SUFFIXES, read_image_list
 from . import registry
-from .config import MonitorLimits
-from .datasets import IMAGE_SUFFIXES, LIST_SUFFIXES, read_image_list
-from .drift import drift_figures, reasons
-from .images import load_image
-from .line import LineDetector
 from .pyfunc_model import load_model
-from .spade import SpadeDetector
 
 BATCH_FILE = "batch.csv"
 STEP_TAG = "monitor.step"

@@ -22,12 +22,12 @@ import numpy as np
 from PIL import Image
 from safetensors.torch import save_file
 
+from ..config import SpadeConfig
+from ..version import DISTRIBUTION, __version__, serving_versions
 from .backbones import BACKBONES, Backbone
 from .bank import FeatureBank
 from .calibration import Calibration
-from .config import SpadeConfig
 from .roi import encode_roi, read_roi
-from .version import DISTRIBUTION, __version__, serving_versions
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "weights.safetensors"

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from .config import MAX_CATEGORY_DROP
+from ..config import MAX_CATEGORY_DROP
 
 CHAMPION, PREVIOUS = "champion", "previous"
 EVAL_PREFIX = "eval."

@@ -1,0 +1,380 @@
+"""The MLflow flavor: save / log / load a SpadeDetector as an `mlflow.pyfunc` model.
+
+Model input: a DataFrame with a `binary` column `image` of encoded PNG/JPEG/BMP/TIFF bytes (base64
+strings over REST) and, for a line model (several part types), a string column `category` naming
+each row's part type. Output: one row per image, in input order, with the columns of
+`OUTPUT_COLUMNS`. A row that cannot be decoded, or that names an unknown category, gets a
+non-empty `error` and null results; the other rows still come. Rows of one request may mix
+categories: they are run as one batch per category.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from PIL import Image
+
+from ..algorithm.images import load_image
+from ..algorithm.line import LineDetector, is_line
+from ..algorithm.regions import encode_regions, min_area_pixels
+from ..algorithm.spade import SpadeDetector
+from ..config import OVERRIDES, check_segment, check_threshold
+from ..runtime import configure_threads, server_workers, threads_kept
+from ..version import __version__, serving_versions
+
+_logger = logging.getLogger(__name__)
+FLAVOR_NAME = "mlflow_knn_anomaly"
+INPUT_COLUMN = "image"
+CATEGORY_COLUMN = "category"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the whole package travels with the model
+
+
+@dataclass(frozen=True)
+class Column:
+    """One output column: its MLflow (and Spark) type, pandas dtype, and value for a bad row."""
+
+    name: str
+    type: str
+    dtype: str
+    empty: Any
+
+
+# The output schema, in column order: the signature, the rows, their dtypes and Spark's schema
+# all derive from this table.
+OUTPUT = (
+    Column("score", "double", "Float64", None),
+    Column("normalized_score", "double", "Float64", None),
+    Column("is_anomalous", "boolean", "boolean", None),
+    Column("segmented", "boolean", "boolean", None),
+    Column("mask", "string", "object", ""),
+    Column("regions", "string", "object", ""),
+    Column("category", "string", "object", ""),
+    Column("error", "string", "object", ""),
+)
+OUTPUT_COLUMNS = tuple(c.name for c in OUTPUT)
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", INPUT_COLUMN), ColSpec("string", CATEGORY_COLUMN, required=False)]),
+    outputs=Schema([ColSpec(c.type, c.name, required=c.empty is not None) for c in OUTPUT]),
+    params=ParamSchema(
+        [
+            ParamSpec("segment", "string", "auto"),
+            ParamSpec("image_threshold", "double", None),
+            ParamSpec("pixel_threshold", "double", None),
+            ParamSpec("min_region_area", "double", None),
+            ParamSpec("return_anomaly_map", "boolean", False),
+        ]
+    ),
+)
+
+
+# ---- encodings ----------------------------------------------------------------------------------
+def encode_mask(mask: np.ndarray) -> str:
+    """Base64 PNG of a (H, W) bool mask, 8-bit 0/255."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_mask(text: str) -> np.ndarray:
+    """(H, W) bool mask from the `mask` column ("" means not segmented: raises ValueError)."""
+    if not text:
+        raise ValueError("empty mask: the image was not segmented (use segment='all' to force it).")
+    with Image.open(io.BytesIO(base64.b64decode(text))) as image:
+        return np.asarray(image.convert("L")) > 127
+
+
+def encode_anomaly_map(anomaly_map: np.ndarray) -> str:
+    """Base64 of a .npy file holding the (H, W) map as float16 (relative precision 4.9e-4), or
+    float32 when values exceed float16's range."""
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    if np.abs(values).max(initial=0.0) < 60000:
+        values = values.astype(np.float16)
+    buffer = io.BytesIO()
+    np.save(buffer, values, allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def decode_anomaly_map(text: str) -> np.ndarray:
+    """(H, W) float32 anomaly map from the `anomaly_map` column."""
+    return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False).astype(np.float32)
+
+
+# ---- the pyfunc model ---------------------------------------------------------------------------
+class SpadePyfuncModel:
+    """What `mlflow.pyfunc.load_model` returns inside: validates rows and params, then predicts.
+
+    Args:
+        model: a single detector, or a line model (several categories).
+        category: a single detector's part type, when known (rows naming another are errors).
+    """
+
+    def __init__(self, model: SpadeDetector | LineDetector, category: str | None = None) -> None:
+        self.model = model
+        self.category = category
+
+    def get_raw_model(self) -> SpadeDetector | LineDetector:
+        """The native model (`mlflow.pyfunc.load_model(uri).get_raw_model()`)."""
+        return self.model
+
+    def predict(self, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """Score a batch; a request that cannot be read raises MlflowException (HTTP 400 when served)."""
+        if not isinstance(model_input, pd.DataFrame) or INPUT_COLUMN not in model_input.columns:
+            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+            raise MlflowException.invalid_parameter_value(
+                f"expected a DataFrame with a column '{INPUT_COLUMN}' of encoded image bytes; got {got}."
+            )
+        try:
+            options = _check_params(params or {})
+            categories = self._categories(model_input)
+        except ValueError as exc:
+            raise MlflowException.invalid_parameter_value(str(exc)) from None
+        rows: list[dict[str, Any]] = [{c.name: c.empty for c in OUTPUT} for _ in range(len(model_input))]
+        groups: dict[str, tuple[list[int], list[Image.Image]]] = {}
+        for i, (value, category) in enumerate(zip(model_input[INPUT_COLUMN].tolist(), categories)):
+            rows[i]["category"] = category if isinstance(category, str) else ""
+            try:
+                detector_key = self._check_row_category(category)
+                image = load_image(_as_bytes(value))
+            except (ValueError, TypeError) as exc:
+                rows[i]["error"] = str(exc)
+                continue
+            members = groups.setdefault(detector_key, ([], []))
+            members[0].append(i)
+            members[1].append(image)
+        for key, (indices, images) in groups.items():
+            detector = self.model.detector(key) if isinstance(self.model, LineDetector) else self.model
+            prediction = detector.predict(
+                images,
+                segment=options["segment"],
+                image_threshold=options["image_threshold"],
+                pixel_threshold=options["pixel_threshold"],
+                min_region_area=options["min_region_area"],
+                return_maps=options["return_anomaly_map"],
+            )
+            for j, i in enumerate(indices):
+                rows[i].update(_row(prediction, j, options["return_anomaly_map"]))
+        columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
+        return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
+
+    def _categories(self, frame: pd.DataFrame) -> list[object]:
+        """Each row's `category` cell ("" where absent or null); a line model needs the column."""
+        if CATEGORY_COLUMN not in frame.columns:
+            if isinstance(self.model, LineDetector):
+                raise ValueError(
+                    f"this is a line model of {len(self.model.categories)} part types: send a string column "
+                    f"'{CATEGORY_COLUMN}' naming each row's, one of {list(self.model.categories)}."
+                )
+            return [""] * len(frame)
+        column = frame[CATEGORY_COLUMN]
+        if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+            raise ValueError(f"column '{CATEGORY_COLUMN}' holds {column.dtype} values; send category names as strings.")
+        return ["" if value is None or (isinstance(value, float) and np.isnan(value)) else value for value in column]
+
+    def _check_row_category(self, category: object) -> str:
+        """The key of the detector that scores a row; ValueError (a row error) when there is none."""
+        if not isinstance(category, str):
+            raise ValueError(f"category of type {type(category).__name__}; send the category name as a string.")
+        if isinstance(self.model, LineDetector):
+            return self.model.check_category(category)
+        if category not in ("", self.category):
+            held = f"part type {self.category!r}" if self.category else "one unnamed part type"
+            raise ValueError(f"unknown category {category!r}: this model holds {held}; send that, or no category.")
+        return ""
+
+
+def _row(prediction, j: int, with_map: bool) -> dict[str, Any]:
+    """Output fields of image j of a `Prediction`."""
+    segmented = bool(prediction.segmented[j])
+    row = {
+        "score": float(prediction.scores[j]),
+        "normalized_score": float(prediction.normalized_scores[j]),
+        "is_anomalous": bool(prediction.is_anomalous[j]),
+        "segmented": segmented,
+        "mask": encode_mask(prediction.masks[j]) if segmented else "",
+        "regions": encode_regions(prediction.regions[j]) if segmented else "",
+    }
+    if with_map:
+        row["anomaly_map"] = encode_anomaly_map(prediction.anomaly_maps[j]) if segmented else ""
+    return row
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        try:
+            return base64.b64decode(value, validate=True)
+        except ValueError as exc:
+            raise ValueError("image string is not valid base64; send base64-encoded image file bytes.") from exc
+    raise TypeError(f"image cell of type {type(value).__name__}; expected encoded image bytes.")
+
+
+def _check_params(params: dict[str, Any]) -> dict[str, Any]:
+    known = {spec.name for spec in SIGNATURE.params.params}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown params {unknown}; valid params: {sorted(known)}.")
+    options = {"segment": "auto", "image_threshold": None, "pixel_threshold": None, "return_anomaly_map": False}
+    options.update({k: v for k, v in params.items() if v is not None})
+    options.setdefault("min_region_area", None)
+    check_segment(options["segment"])
+    for name in OVERRIDES:
+        check_threshold(name, options[name])
+    if options["min_region_area"] is not None:
+        min_area_pixels(options["min_region_area"], 1, 1)  # raises with what to pass
+    if not isinstance(options["return_anomaly_map"], (bool, np.bool_)):
+        raise ValueError(f"return_anomaly_map={options['return_anomaly_map']!r} must be true or false.")
+    return options
+
+
+def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
+    """MLflow's loader hook: `data_path` is the saved detector (or line) directory inside the model."""
+    # Server workers share the free cores (`mlflow models serve -w N`); MLFLOW_KNN_ANOMALY_THREADS
+    # overrides it all.
+    workers = server_workers()
+    threads = configure_threads(workers=workers)
+    _log_to_stderr_unless_configured()
+    _logger.info("mlflow-knn-anomaly: %d threads per process, %d worker process(es)", threads, workers)
+    if is_line(data_path):
+        line = LineDetector.load(data_path)
+        _logger.info("mlflow-knn-anomaly: line model of %d categories %s", len(line.categories), line.categories)
+        return SpadePyfuncModel(line)
+    return SpadePyfuncModel(SpadeDetector.load(data_path), _saved_category(Path(data_path)))
+
+
+def _saved_category(data_path: Path) -> str | None:
+    """A single detector's category from its MLmodel (`data_path` is <model>/data/detector); None
+    for a model saved before categories existed."""
+    mlmodel = data_path.parents[1] / "MLmodel"
+    if not mlmodel.is_file():
+        return None
+    return Model.load(str(mlmodel)).flavors.get(FLAVOR_NAME, {}).get("category")
+
+
+def _log_to_stderr_unless_configured() -> None:
+    """MLflow's scoring server sets up logging for `mlflow` and uvicorn only, so this package's INFO
+    lines (the thread sizing a server operator needs) would be dropped: send them to stderr, in
+    MLflow's format, unless the application has configured logging itself."""
+    package = logging.getLogger(__package__)
+    if package.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%Y/%m/%d %H:%M:%S"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
+# ---- save / log / load ----------------------------------------------------------------------------
+def example_image_bytes(size: int = 64) -> bytes:
+    """A small real PNG (a synthetic part) used as the model's input example."""
+    from ..evaluation.datasets import normal_part
+
+    buffer = io.BytesIO()
+    Image.fromarray(normal_part(np.random.default_rng(0), size)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_model(
+    detector: SpadeDetector | LineDetector,
+    path: str | Path,
+    mlflow_model: Model | None = None,
+    pip_requirements: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    category: str | None = None,
+) -> None:
+    """Save as an MLflow model directory: detector data, the pyfunc loader, this flavor, MLmodel.
+
+    Args:
+        detector: a single detector, or a line model.
+        category: a single detector's part type (a request naming another gets a row error).
+    """
+    line = isinstance(detector, LineDetector)
+    if line and category is not None:
+        raise ValueError("category names a single detector's part type; a line model names its own.")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = detector.save(Path(tmp) / ("line" if line else "detector"))
+        mlflow_model = mlflow_model or Model()
+        if metadata:
+            mlflow_model.metadata = {**(mlflow_model.metadata or {}), **metadata}
+        flavor = {"categories": list(detector.categories)} if line else {"category": category}
+        mlflow_model.add_flavor(FLAVOR_NAME, data=f"data/{data.name}", package_version=__version__, **flavor)
+        example = {INPUT_COLUMN: [example_image_bytes()]}
+        if line:
+            example[CATEGORY_COLUMN] = [detector.categories[0]]
+        mlflow.pyfunc.save_model(
+            path=str(path),
+            loader_module=f"{__package__}.pyfunc_model",
+            data_path=str(data),
+            code_paths=[str(PACKAGE_DIR)],
+            mlflow_model=mlflow_model,
+            signature=SIGNATURE,
+            input_example=pd.DataFrame(example),
+            pip_requirements=pip_requirements or default_pip_requirements(),
+        )
+
+
+def default_pip_requirements() -> list[str]:
+    """The pinned public packages a serving environment needs (the package's own code travels along)."""
+    return [f"{name}=={version}" for name, version in serving_versions().items()]
+
+
+def log_model(
+    detector: SpadeDetector | LineDetector, name: str = "model", registered_model_name: str | None = None, **kwargs: Any
+) -> mlflow.models.model.ModelInfo:
+    """Log the detector as a model of the active run (and register it when a name is given)."""
+    with threads_kept():  # MLflow loads the logged model to validate its serving input: see `threads_kept`
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=sys.modules[__name__],
+            registered_model_name=registered_model_name,
+            detector=detector,
+            **kwargs,
+        )
+
+
+def load_model(model_uri: str) -> SpadeDetector | LineDetector:
+    """The native model of a logged or registered model (e.g. "models:/NAME@champion"): a
+    SpadeDetector, or a LineDetector for a line model."""
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+    except MlflowException as exc:
+        raise ValueError(f"cannot load {model_uri}: {exc.message} Check the model name, version or alias.") from exc
+    conf = Model.load(str(local)).flavors.get(FLAVOR_NAME)
+    if conf is None:
+        raise ValueError(f"{model_uri} is not a {FLAVOR_NAME} model (its MLmodel lacks that flavor).")
+    data = local / conf["data"]
+    return LineDetector.load(data) if is_line(data) else SpadeDetector.load(data)
+
+
+def model_flavor(model_uri: str) -> dict[str, Any]:
+    """This flavor's MLmodel entry of a model (only the MLmodel file is fetched)."""
+    try:
+        local = mlflow.artifacts.download_artifacts(model_uri.rstrip("/") + "/MLmodel")
+    except MlflowException as exc:
+        raise ValueError(f"cannot load {model_uri}: {exc.message} Check the model name, version or alias.") from exc
+    return Model.load(local).flavors.get(FLAVOR_NAME) or {}
+
+
+def model_category(model_uri: str) -> str | None:
+    """A single detector's saved category (None for a line model or a model saved without one)."""
+    return model_flavor(model_uri).get("category")
+
+
+def model_categories(model_uri: str) -> list[str] | None:
+    """A line model's categories; None for a single-category model."""
+    return model_flavor(model_uri).get("categories")
