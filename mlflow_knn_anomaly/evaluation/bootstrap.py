@@ -93,8 +93,10 @@ class ResampledFigures:
     ROCAUC and AUPRO.
 
     Args:
-        labels, scores: (N,) anomalous or not, and the image scores.
-        maps, masks: (H, W) per image, or None (image labels only).
+        labels: (N,) anomalous or not.
+        scores: (N,) image scores.
+        maps: (H, W) anomaly map per image, or None (image labels only).
+        masks: (H, W) ground truth per image, or None.
     """
 
     def __init__(self, labels: np.ndarray, scores: np.ndarray, maps: list | None = None, masks: list | None = None):
