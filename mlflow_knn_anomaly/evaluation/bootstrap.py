@@ -4,16 +4,14 @@ A resample takes image i `counts[i]` times. Its image ROCAUC, pixel ROCAUC and A
 of the resampled images laid one after the other (tests check that against `roc_auc_score` and
 `metrics.pro_curve`), but each candidate's pixels are ranked and its regions labelled once, so a
 resample costs a small product or a weighted pass instead of a sort, a labelling and a
-scikit-learn call. `tuning`
-runs hundreds of resamples per candidate with them.
+scikit-learn call. `tuning` runs hundreds of resamples per candidate with them.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.ndimage import label
 
-from .metrics import area_to_limit
+from .metrics import area_to_limit, pro_parts
 
 
 class Ranks:
@@ -55,12 +53,11 @@ class ResampledPro:
     def __init__(self, maps: list[np.ndarray], masks: list[np.ndarray], fpr_limit: float = 0.3, steps: int = 2000):
         normal, image, self.regions, self.region_image = [], [], [], []
         for i, (mask, score) in enumerate(zip(masks, maps)):
-            mask, score = np.asarray(mask, bool), np.asarray(score, np.float64)
-            normal.append(score[~mask])
-            image.append(np.full(normal[-1].size, i))
-            labelled, n = label(mask, structure=np.ones((3, 3)))
-            self.regions += [np.sort(score[labelled == r]) for r in range(1, n + 1)]
-            self.region_image += [i] * n
+            scores, regions = pro_parts(mask, score)
+            normal.append(scores)
+            image.append(np.full(scores.size, i))
+            self.regions += regions
+            self.region_image += [i] * len(regions)
         values = np.concatenate(normal)
         order = np.argsort(values, kind="stable")
         self.normal, self.image = values[order], np.concatenate(image)[order]

@@ -76,12 +76,9 @@ def pro_curve(
     """
     normal_scores, regions = [], []
     for i, (mask, score) in enumerate(zip(masks, maps)):
-        inside = np.ones(np.shape(mask), dtype=bool) if valid is None else np.asarray(valid[i], dtype=bool)
-        mask = np.asarray(mask, dtype=bool) & inside
-        score = np.asarray(score, dtype=np.float64)
-        normal_scores.append(score[~mask & inside])
-        labelled, n = label(mask, structure=np.ones((3, 3)))
-        regions += [np.sort(score[labelled == r]) for r in range(1, n + 1)]
+        normal, found = pro_parts(mask, score, None if valid is None else valid[i])
+        normal_scores.append(normal)
+        regions += found
     if not regions:
         raise ValueError("AUPRO needs at least one anomalous region in the ground-truth masks.")
     normal = np.sort(np.concatenate(normal_scores))
@@ -94,6 +91,18 @@ def pro_curve(
     fpr = np.concatenate([[0.0], (n - np.searchsorted(normal, thresholds, side="right")) / n])
     pro = np.mean([1.0 - np.searchsorted(r, thresholds, side="right") / r.size for r in regions], axis=0)
     return ProCurve(*area_to_limit(fpr, np.concatenate([[0.0], pro]), fpr_limit))
+
+
+def pro_parts(
+    mask: np.ndarray, score: np.ndarray, inside: np.ndarray | None = None
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One image's part of a PRO curve: the scores of its normal pixels, and per connected region
+    (8-connectivity) of its (H, W) `mask` the region's sorted scores; only pixels `inside` count."""
+    inside = np.ones(np.shape(mask), dtype=bool) if inside is None else np.asarray(inside, dtype=bool)
+    mask = np.asarray(mask, dtype=bool) & inside
+    score = np.asarray(score, dtype=np.float64)
+    labelled, n = label(mask, structure=np.ones((3, 3)))
+    return score[~mask & inside], [np.sort(score[labelled == r]) for r in range(1, n + 1)]
 
 
 def area_to_limit(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> tuple[np.ndarray, np.ndarray, float]:

@@ -125,8 +125,9 @@ class Outputs:
     Attributes:
         labels: (N,) anomalous or not. knn_scores, map_scores: (N,) of stage 1 and of the map.
         maps, masks: (EVAL_SIZE, EVAL_SIZE) per image, None without ground-truth masks.
-        pixel_figures: pixel_auroc and aupro of the maps at EVAL_SIZE (empty without masks): the
-            same for every fusion, so computed once per build.
+        pixel_figures: pixel_auroc and aupro of the maps at EVAL_SIZE (empty without masks).
+        small_maps, small_masks: the same at BOOTSTRAP_SIZE, for the resampled figures.
+    The maps are the same for every fusion, so all of it is computed once per build.
     """
 
     labels: np.ndarray
@@ -135,6 +136,8 @@ class Outputs:
     maps: list[np.ndarray] | None
     masks: list[np.ndarray] | None
     pixel_figures: dict[str, float] = field(default_factory=dict)
+    small_maps: list[np.ndarray] | None = None
+    small_masks: list[np.ndarray] | None = None
 
 
 def validate(detector: SpadeDetector, samples: list[TestSample]) -> Outputs:
@@ -151,7 +154,9 @@ def validate(detector: SpadeDetector, samples: list[TestSample]) -> Outputs:
     ]
     maps = [resize_map(m, EVAL_SIZE) for m in prediction.anomaly_maps]
     pixel = {"pixel_auroc": pixel_auroc(masks, maps), "aupro": aupro(masks, maps)}
-    return Outputs(labels, prediction.knn_scores, prediction.map_scores, maps, masks, pixel)
+    small_maps = [resize_map(m, BOOTSTRAP_SIZE) for m in maps]
+    small_masks = [resize_mask(m, BOOTSTRAP_SIZE) for m in masks]
+    return Outputs(labels, prediction.knn_scores, prediction.map_scores, maps, masks, pixel, small_maps, small_masks)
 
 
 def image_scores(detector: SpadeDetector, outputs: Outputs, fusion: str) -> np.ndarray:
@@ -176,16 +181,6 @@ class Scored:
     small_maps: list[np.ndarray] | None = None
     seconds: float = 0.0
     win_rate: float | None = field(default=None)
-
-
-def small(maps: list[np.ndarray]) -> list[np.ndarray]:
-    """Maps resized to BOOTSTRAP_SIZE."""
-    return [resize_map(m, BOOTSTRAP_SIZE) for m in maps]
-
-
-def small_masks(masks: list[np.ndarray]) -> list[np.ndarray]:
-    """Masks resized to BOOTSTRAP_SIZE."""
-    return [resize_mask(m, BOOTSTRAP_SIZE) for m in masks]
 
 
 def win_rates(

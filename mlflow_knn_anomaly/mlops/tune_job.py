@@ -159,16 +159,17 @@ def _tune_category(
         if outputs is None:  # no defect (or no normal image) to validate on: nothing to compare
             return tuning.Scored(candidate_settings, {}, np.zeros(0), None, seconds)
         scores = tuning.image_scores(detector, outputs, candidate_settings["score_fusion"])
-        small = None if outputs.maps is None else tuning.small(outputs.maps)
-        return tuning.Scored(candidate_settings, tuning.validation_figures(outputs, scores), scores, small, seconds)
+        figures = tuning.validation_figures(outputs, scores)
+        return tuning.Scored(candidate_settings, figures, scores, outputs.small_maps, seconds)
 
     base = {name: getattr(config, name) for name in tuning.GRID}
     scored = [score(c) for c in tuning.first_stage(base)]
     scored += [score(c) for c in tuning.second_stage(base, scored)]
     if counts["validation_defects"] >= min_images and counts["validation_normal"] >= min_images:
         outputs = built[tuning.feature_key(scored[0].settings)][1]
-        masks = None if outputs.masks is None else tuning.small_masks(outputs.masks)
-        rates = tuning.win_rates(outputs.labels, scored[0], scored[1:], masks, settings.n_bootstrap, settings.seed)
+        rates = tuning.win_rates(
+            outputs.labels, scored[0], scored[1:], outputs.small_masks, settings.n_bootstrap, settings.seed
+        )
         for candidate, rate in zip(scored[1:], rates):
             candidate.win_rate = rate
     choice = tuning.choose(scored, settings.required_win_rate, counts, min_images)
