@@ -362,12 +362,14 @@ def load_model(model_uri: str) -> SpadeDetector | LineDetector:
 
 
 def model_flavor(model_uri: str) -> dict[str, Any]:
-    """This flavor's MLmodel entry of a model (only the MLmodel file is fetched)."""
+    """This flavor's MLmodel entry of a model (only the MLmodel file is fetched).
+
+    MLflow's `Model.load` resolves every URI form itself; appending "/MLmodel" to a `models:/m-<id>`
+    URI would read the logged model's id as a registered model's name."""
     try:
-        local = mlflow.artifacts.download_artifacts(model_uri.rstrip("/") + "/MLmodel")
+        return Model.load(model_uri.rstrip("/")).flavors.get(FLAVOR_NAME) or {}
     except MlflowException as exc:
         raise ValueError(f"cannot load {model_uri}: {exc.message} Check the model name, version or alias.") from exc
-    return Model.load(local).flavors.get(FLAVOR_NAME) or {}
 
 
 def model_category(model_uri: str) -> str | None:
