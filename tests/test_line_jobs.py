@@ -107,8 +107,6 @@ def _bad_root(tmp_path: Path, line_root: Path, kind: str) -> tuple[str, dict]:
     elif kind == "case":
         shutil.copytree(line_root / "disc", root / "Disc")
         shutil.copytree(line_root / "disc", root / "disc")
-    elif kind == "spaces":
-        shutil.copytree(line_root / "disc", root / "disc plate")
     else:
         shutil.copytree(line_root, root)
     if kind == "backbones":
@@ -127,7 +125,6 @@ def _bad_root(tmp_path: Path, line_root: Path, kind: str) -> tuple[str, dict]:
     [
         ("no category", FileNotFoundError, "holds no category"),
         ("case", ValueError, "differ only by case: rename one"),
-        ("spaces", ValueError, "'disc plate' is not allowed.*Rename the folder"),
         ("backbones", ValueError, r"weights: default for \['disc'\]; random for \['plate'\]"),
         ("unknown setting", ValueError, r"unknown settings \['sigmaa'\]"),
         ("unknown category", ValueError, r"names \['bottle'\], which the data does not hold; it holds \['disc', "),

@@ -34,22 +34,21 @@ CATEGORY_DIR = "categories"
 LINE_FORMAT = 1
 # Settings that change the backbone or its weights: one backbone serves every category.
 SHARED_SETTINGS = ("backbone", "weights", "layers", "device")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # no '.': names prefix metric keys (<category>.<metric>)
-RESERVED = ("mean",)  # metric prefixes of the line's own figures (mean.image_auroc, ...)
+_NOT_IN_NAME = re.compile(r"[/\\\x00]")  # a category is one folder of the saved line
 
 
 def check_category_names(names: list[str]) -> None:
-    """Category names are folder names and metric prefixes: letters, digits, `_-`, and no two that
-    differ only by case (a request's category must name one part type, unambiguously).
+    """Category names are folder names (any a file system takes: the MLflow side maps them to metric
+    keys), and no two differ only by case (a request's category must name one part type, unambiguously).
 
     Raises:
         ValueError: a bad name or a collision, with what to rename.
     """
     for name in names:
-        if not isinstance(name, str) or not _NAME.fullmatch(name) or name in RESERVED:
+        if not isinstance(name, str) or not name.strip() or name in (".", "..") or _NOT_IN_NAME.search(name):
             raise ValueError(
-                f"category name {name!r} is not allowed: use letters, digits, '_' and '-' (starting with a "
-                f"letter or digit; not {list(RESERVED)}). Rename the folder."
+                f"category name {name!r} is not allowed: a category is one folder's name (not empty, not '.' "
+                "or '..', no '/', '\\' or NUL). Rename the folder."
             )
     folded: dict[str, str] = {}
     for name in names:

@@ -7,7 +7,8 @@ column `label` (true or 1: anomalous; or name it with `targets=`), optionally `d
 per-type figures) and `mask` (encoded mask image bytes at the image's size, pixels above 127 are
 defect; None for normal images). It logs what the `evaluate` job logs: the metrics of
 `evaluation.evaluate_samples` (pixel metrics only with masks), per-type figures as
-`<type>.<metric>`, and plots/image_roc.png, plots/pro_curve.png (with masks), plots/overlays.png.
+`<type>.<metric>` (a folder name becomes a key part by `names.key_part`; names.json maps each key
+part back to its name), and plots/image_roc.png, plots/pro_curve.png (with masks), plots/overlays.png.
 Metrics are linked to the logged model and the evaluation dataset, so
 `mlflow.validate_evaluation_results` can gate a candidate against a baseline on any of them.
 Column names can be changed through the evaluator's config (keys `image_col`, `label_col`,
@@ -15,7 +16,7 @@ Column names can be changed through the evaluator's config (keys `image_col`, `l
 "picture"}`, or with a list of evaluators, `evaluator_config={"knn_anomaly": {"image_col": "picture"}}`.
 
 A line model (several part types) needs a `category` column: each category is evaluated with its own
-detector, its figures logged as `<category>.<metric>` (plots under plots/<category>/), and each
+detector, its figures logged as `<category>.<metric>` (plots under plots/<category>/, the category as a key part), and each
 metric's mean over the categories that have it as `mean.<metric>`, with `mean.<metric>.n_categories`
 saying how many (categories with image labels only have no pixel metrics).
 """
@@ -41,6 +42,7 @@ from ..algorithm.spade import SpadeDetector
 from ..evaluation.datasets import NORMAL, read_mask, read_test
 from ..evaluation.evaluate import Evaluation, LabelledImage, evaluate_samples
 from ..evaluation.plots import overlay_grid, pro_curve_figure, roc_figure
+from .names import MEAN, NAMES_ARTIFACT, check_keys, key_part, names_table, prefixed
 
 MODEL_TYPE = "anomaly-detection"
 EVALUATOR_NAME = "knn_anomaly"
@@ -52,7 +54,7 @@ COLUMNS = {
     "defect_type_col": "defect_type",
     "category_col": "category",
 }
-MEAN = "mean"
+LONGEST_KEY = "stage2_share_anomalous"  # the longest metric name a defect type or category prefixes
 NO_PIXEL_METRICS = "absent: image-level labels only (no masks were given)"
 
 
@@ -88,6 +90,7 @@ class SpadeEvaluator(ModelEvaluator):
         config = _columns(evaluator_config or {})
         client = MlflowClient()
         model_id = model_id or getattr(model, "model_id", None)
+        _log_names(client, run_id, dataset.features_data, config)  # before the work, not after it
         if isinstance(detector, LineDetector):
             figures, artifacts = self._evaluate_line(client, run_id, detector, dataset, config)
         else:
@@ -120,9 +123,9 @@ class SpadeEvaluator(ModelEvaluator):
             samples = samples_from_frame(part, None if labels is None else np.asarray(labels)[rows], config)
             result = evaluate_samples(detector, samples, progress=True)
             per_category[category] = flat_metrics(result)
-            figures.update({f"{category}.{k}": v for k, v in per_category[category].items()})
-            plots = _log_plots(client, run_id, result, folder=f"plots/{category}")
-            artifacts.update({f"{category}/{name}": artifact for name, artifact in plots.items()})
+            figures.update({prefixed(category, k): v for k, v in per_category[category].items()})
+            plots = _log_plots(client, run_id, result, folder=f"plots/{key_part(category)}")
+            artifacts.update({f"{key_part(category)}/{name}": artifact for name, artifact in plots.items()})
         figures.update(category_means(per_category))
         return figures, artifacts
 
@@ -135,6 +138,18 @@ def category_means(per_category: dict[str, dict[str, float]]) -> dict[str, float
         means[f"{MEAN}.{key}"] = float(np.mean(values))
         means[f"{MEAN}.{key}.n_categories"] = float(len(values))
     return means
+
+
+def _log_names(client: MlflowClient, run_id: str, features: pd.DataFrame, config: dict[str, str]) -> None:
+    """Check that every key the data's names make can be logged, then log names.json {kind: {key part: name}}."""
+    table = {
+        kind: names_table(str(n) for n in dict.fromkeys(features[config[column]]))
+        for kind, column in (("defect_types", "defect_type_col"), ("categories", "category_col"))
+        if config[column] in features.columns
+    }
+    categories, types = (list(table.get(kind, {}).values()) or [None] for kind in ("categories", "defect_types"))
+    check_keys((prefixed(c, prefixed(t, LONGEST_KEY)) for c in categories for t in types), "evaluation data")
+    client.log_dict(run_id, table, NAMES_ARTIFACT)
 
 
 def _columns(evaluator_config: dict) -> dict[str, str]:
@@ -217,7 +232,7 @@ def _mask(value: Any, row: int) -> np.ndarray | None:
 
 def flat_metrics(result: Evaluation) -> dict[str, float]:
     """The headline metrics and, per defect type, `<type>.<metric>`."""
-    per_type = {f"{kind}.{key}": value for kind, figures in result.per_type.items() for key, value in figures.items()}
+    per_type = {prefixed(kind, key): value for kind, figures in result.per_type.items() for key, value in figures.items()}
     return {**result.metrics, **per_type}
 
 

@@ -37,7 +37,8 @@ from ..evaluation.datasets import (
 )
 from ..evaluation.evaluate import PIXEL_METRICS
 from . import registry
-from .evaluator import EVALUATOR_NAME, MEAN, MODEL_TYPE, frame_from_folder
+from .evaluator import EVALUATOR_NAME, MODEL_TYPE, frame_from_folder
+from .names import EVAL_PREFIX, MEAN, key_part, prefixed
 from .pyfunc_model import load_model, log_model, model_categories, model_flavor
 
 _logger = logging.getLogger(__name__)
@@ -268,7 +269,7 @@ def drop_bad(
     listing = "\n".join(f"  {path}: {reason}" for path, reason in bad)
     if not skip_bad:
         raise ValueError(f"{len(bad)} unreadable {what} images:\n{listing}\nFix them or pass --skip-bad.")
-    mlflow.log_text(listing, f"{category}/skipped_images.txt" if category else "skipped_images.txt")
+    mlflow.log_text(listing, f"{key_part(category)}/skipped_images.txt" if category else "skipped_images.txt")
     dropped = {b for b, _ in bad}
     kept = [p for p in images if p not in dropped]
     if not kept:
@@ -287,8 +288,7 @@ def log_fit(detector: SpadeDetector, n_images: int, seconds: float, category: st
         "build_images_per_s": n_images / seconds,
         **detector.calibration.metrics(),
     }
-    prefix = f"{category}." if category else ""
-    mlflow.log_metrics({prefix + key: float(value) for key, value in figures.items()})
+    mlflow.log_metrics({prefixed(category, key): float(value) for key, value in figures.items()})
 
 
 def content_digest(root: Path, paths: list[Path]) -> str:
@@ -378,11 +378,11 @@ def evaluate(model_uri: str, data: str) -> dict[str, float]:
             evaluators=[EVALUATOR_NAME],
             model_id=target.model_id,
         )
-        prefixes = [""] if folders is None else [f"{name}." for name in [*folders, MEAN]]
+        prefixes = [""] if folders is None else [prefixed(name, "") for name in folders] + [f"{MEAN}."]
         for version in target.versions:
             _tag_version(version, result.metrics, digest, prefixes)
             for name, category_digest in digests.items():  # line promotion compares category by category
-                key = f"{registry.EVAL_PREFIX}{name}.data_digest"
+                key = EVAL_PREFIX + prefixed(name, "data_digest")
                 MlflowClient().set_model_version_tag(version.name, version.version, key, category_digest)
         return result.metrics
 

@@ -20,6 +20,7 @@ from ..algorithm.spade import SpadeDetector, split_holdout
 from ..config import SpadeConfig, read_category_settings, with_settings
 from ..evaluation.datasets import find_categories, is_mvtec_folder
 from . import jobs, registry
+from .names import key_part, prefixed
 from .pyfunc_model import load_model, model_category
 
 _logger = logging.getLogger(__name__)
@@ -172,13 +173,13 @@ def register_line(line: LineDetector, model_name: str, tags: dict[str, str], par
     """Log and register the line; tag the version with its categories, the change and its parent."""
     info = jobs.log_and_register(line, model_name)
     version = str(info.registered_model_version)
-    tags = {CATEGORIES_TAG: ",".join(line.categories), **tags}
+    tags = {CATEGORIES_TAG: ",".join(map(key_part, line.categories)), **tags}
     if parent_uri:
         tags["parent.model_uri"] = parent_uri
         parent = registry.model_ref(parent_uri)
         if parent.versions:
             tags["parent.version"] = parent.versions[0].version
-        tags["line.unchanged"] = ",".join(line.unchanged)
+        tags["line.unchanged"] = ",".join(map(key_part, line.unchanged))
     client = MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
@@ -189,7 +190,7 @@ def _log_overrides(config: SpadeConfig, configs: dict[str, SpadeConfig]) -> None
     """Each category's settings that differ from the line's, as params `<category>.<setting>`."""
     base = config.to_dict()
     params = {
-        f"{name}.{key}": value
+        prefixed(name, key): value
         for name, c in configs.items()
         for key, value in c.to_dict().items()
         if base[key] != value

@@ -26,6 +26,7 @@ from ..algorithm.spade import SpadeDetector
 from ..config import MonitorLimits
 from ..evaluation.datasets import IMAGE_SUFFIXES, LIST_SUFFIXES, read_image_list
 from . import registry
+from .names import prefixed
 from .pyfunc_model import load_model
 
 BATCH_FILE = "batch.csv"
@@ -122,8 +123,7 @@ def monitor(model_uri: str, source: str, limits: MonitorLimits | None = None, ex
     for category, (paths, images) in sorted(groups.items()):
         detector = line.detector(category) if line else model
         found, category_why, extra = batch_figures(detector, images, limits)
-        prefix = f"{category}." if line else ""
-        figures.update({prefix + key: value for key, value in found.items()})
+        figures.update({prefixed(category if line else None, key): value for key, value in found.items()})
         why += [f"[{category}] {reason}" if line else reason for reason in category_why]
         rows.append(pd.DataFrame({"path": paths, "category": category, **extra["results"]}))
         reference.add(extra["reference"])

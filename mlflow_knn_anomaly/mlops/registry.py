@@ -15,12 +15,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from ..config import MAX_CATEGORY_DROP
+from .names import DIGEST_TAG, EVAL_PREFIX, MEAN
 
 CHAMPION, PREVIOUS = "champion", "previous"
-EVAL_PREFIX = "eval."
-DIGEST_TAG = "eval.data_digest"
-CATEGORIES_TAG = "line.categories"  # a line version's categories, set when it is registered
-MEAN = "mean"
+# A line version's categories as key parts (`names.key_part`), comma-separated, set when it is registered.
+CATEGORIES_TAG = "line.categories"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from ..evaluation import tuning
 from ..evaluation.datasets import TestSample, find_categories, is_mvtec_folder, read_mask
 from ..evaluation.evaluate import LabelledImage, evaluate_samples
 from . import jobs, registry
+from .names import prefixed
 
 TEST_FIGURES = ("image_auroc", "pixel_auroc", "aupro")
 
@@ -82,7 +83,7 @@ def tune(
         tags = {"tune.seconds": f"{total:.1f}", "tune.search_seconds": f"{search:.1f}"}
         result = {"run_id": run.info.run_id, "version": version, "choices": {}, "test": {}}
         for name, outcome in outcomes.items():
-            prefix = f"{name}." if line else ""
+            prefix = prefixed(name, "") if line else ""
             tuned_figures = {m: tuned[prefix + m] for m in TEST_FIGURES if prefix + m in tuned}
             split = outcome["split"]
             default_figures = tuned_figures if outcome["is_default"] else _test_figures(outcome["default"], split)
