@@ -16,9 +16,9 @@ Column names can be changed through the evaluator's config (keys `image_col`, `l
 "picture"}`, or with a list of evaluators, `evaluator_config={"knn_anomaly": {"image_col": "picture"}}`.
 
 A line model (several part types) needs a `category` column: each category is evaluated with its own
-detector, its figures logged as `<category>.<metric>` (plots under plots/<category>/, the category as a key part), and each
-metric's mean over the categories that have it as `mean.<metric>`, with `mean.<metric>.n_categories`
-saying how many (categories with image labels only have no pixel metrics).
+detector, its figures logged as `<category>.<metric>` (plots under plots/<category>/, the category
+as a key part), and each metric's mean over the categories that have it as `mean.<metric>`, with
+`mean.<metric>.n_categories` saying how many (categories with image labels only have no pixel metrics).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def _mask(value: Any, row: int) -> np.ndarray | None:
 
 def flat_metrics(result: Evaluation) -> dict[str, float]:
     """The headline metrics and, per defect type, `<type>.<metric>`."""
-    per_type = {prefixed(kind, key): value for kind, figures in result.per_type.items() for key, value in figures.items()}
+    per_type = {prefixed(kind, k): v for kind, figures in result.per_type.items() for k, v in figures.items()}
     return {**result.metrics, **per_type}
 
 

@@ -13,8 +13,8 @@ separator. `key_part` maps a name to a key part:
   `mean` -> `mean-82523fae`, `défaut` -> `d_faut-a45c42bd`.
 
 A key part never contains `.`, and distinct names get distinct key parts (the suffix is a hash of
-the whole name; only a name typed to equal another's rewritten form, hash included, could meet it). The original names are kept
-beside the keys: runs that log such keys log `names.json` ({kind: {key part: name}}).
+the whole name; only a name typed to equal another's rewritten form, hash included, could meet it).
+The original names are kept beside the keys: runs that log such keys log `names.json` ({kind: {key part: name}}).
 """
 
 from __future__ import annotations
