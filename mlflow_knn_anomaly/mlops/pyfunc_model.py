@@ -5,7 +5,9 @@ strings over REST) and, for a line model (several part types), a string column `
 each row's part type. Output: one row per image, in input order, with the columns of
 `OUTPUT_COLUMNS`. A row that cannot be decoded, or that names an unknown category, gets a
 non-empty `error` and null results; the other rows still come. Rows of one request may mix
-categories: they are run as one batch per category.
+categories: they are run as one batch per category. Every row names the model version that
+answered it (`model_version`: `bottle/3` when the server follows an alias, see `follow`, else the
+MLflow model id of the model loaded).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from ..algorithm.spade import SpadeDetector
 from ..config import OVERRIDES, check_segment, check_threshold
 from ..runtime import configure_threads, server_workers, threads_kept
 from ..version import __version__, serving_versions
+from .follow import FOLLOW_VARIABLE, Follower, Served, follow_seconds
 
 _logger = logging.getLogger(__name__)
 FLAVOR_NAME = "mlflow_knn_anomaly"
@@ -63,6 +67,7 @@ OUTPUT = (
     Column("regions", "string", "object", ""),
     Column("category", "string", "object", ""),
     Column("error", "string", "object", ""),
+    Column("model_version", "string", "object", ""),
 )
 OUTPUT_COLUMNS = tuple(c.name for c in OUTPUT)
 
@@ -120,11 +125,28 @@ class SpadePyfuncModel:
     Args:
         model: a single detector, or a line model (several categories).
         category: a single detector's part type, when known (rows naming another are errors).
+        version: what each row's `model_version` says (a model id, or NAME/VERSION).
+        follower: keeps the model on the version a registry alias names (`follow.Follower`).
     """
 
-    def __init__(self, model: SpadeDetector | LineDetector, category: str | None = None) -> None:
-        self.model = model
-        self.category = category
+    def __init__(
+        self,
+        model: SpadeDetector | LineDetector,
+        category: str | None = None,
+        version: str = "",
+        follower: Follower | None = None,
+    ) -> None:
+        self._served = Served(model, version, category)
+        self.follower = follower
+
+    @property
+    def served(self) -> Served:
+        """The version answering requests now (the follower's, when following an alias)."""
+        return self.follower.served if self.follower is not None else self._served
+
+    @property
+    def model(self) -> SpadeDetector | LineDetector:
+        return self.served.model
 
     def get_raw_model(self) -> SpadeDetector | LineDetector:
         """The native model (`mlflow.pyfunc.load_model(uri).get_raw_model()`)."""
@@ -137,17 +159,20 @@ class SpadePyfuncModel:
             raise MlflowException.invalid_parameter_value(
                 f"expected a DataFrame with a column '{INPUT_COLUMN}' of encoded image bytes; got {got}."
             )
+        served = self.served  # read once: one version answers the whole request
         try:
             options = _check_params(params or {})
-            categories = self._categories(model_input)
+            categories = _categories(served, model_input)
         except ValueError as exc:
             raise MlflowException.invalid_parameter_value(str(exc)) from None
-        rows: list[dict[str, Any]] = [{c.name: c.empty for c in OUTPUT} for _ in range(len(model_input))]
+        rows: list[dict[str, Any]] = [
+            {**{c.name: c.empty for c in OUTPUT}, "model_version": served.version} for _ in range(len(model_input))
+        ]
         groups: dict[str, tuple[list[int], list[Image.Image]]] = {}
         for i, (value, category) in enumerate(zip(model_input[INPUT_COLUMN].tolist(), categories)):
             rows[i]["category"] = category if isinstance(category, str) else ""
             try:
-                detector_key = self._check_row_category(category)
+                detector_key = _check_row_category(served, category)
                 image = load_image(_as_bytes(value))
             except (ValueError, TypeError) as exc:
                 rows[i]["error"] = str(exc)
@@ -155,8 +180,10 @@ class SpadePyfuncModel:
             members = groups.setdefault(detector_key, ([], []))
             members[0].append(i)
             members[1].append(image)
+        if self.follower is not None:
+            self.follower.used_categories.update(k for k in groups if k)
         for key, (indices, images) in groups.items():
-            detector = self.model.detector(key) if isinstance(self.model, LineDetector) else self.model
+            detector = served.model.detector(key) if isinstance(served.model, LineDetector) else served.model
             prediction = detector.predict(
                 images,
                 segment=options["segment"],
@@ -170,30 +197,32 @@ class SpadePyfuncModel:
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
 
-    def _categories(self, frame: pd.DataFrame) -> list[object]:
-        """Each row's `category` cell ("" where absent or null); a line model needs the column."""
-        if CATEGORY_COLUMN not in frame.columns:
-            if isinstance(self.model, LineDetector):
-                raise ValueError(
-                    f"this is a line model of {len(self.model.categories)} part types: send a string column "
-                    f"'{CATEGORY_COLUMN}' naming each row's, one of {list(self.model.categories)}."
-                )
-            return [""] * len(frame)
-        column = frame[CATEGORY_COLUMN]
-        if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
-            raise ValueError(f"column '{CATEGORY_COLUMN}' holds {column.dtype} values; send category names as strings.")
-        return ["" if value is None or (isinstance(value, float) and np.isnan(value)) else value for value in column]
 
-    def _check_row_category(self, category: object) -> str:
-        """The key of the detector that scores a row; ValueError (a row error) when there is none."""
-        if not isinstance(category, str):
-            raise ValueError(f"category of type {type(category).__name__}; send the category name as a string.")
-        if isinstance(self.model, LineDetector):
-            return self.model.check_category(category)
-        if category not in ("", self.category):
-            held = f"part type {self.category!r}" if self.category else "one unnamed part type"
-            raise ValueError(f"unknown category {category!r}: this model holds {held}; send that, or no category.")
-        return ""
+def _categories(served: Served, frame: pd.DataFrame) -> list[object]:
+    """Each row's `category` cell ("" where absent or null); a line model needs the column."""
+    if CATEGORY_COLUMN not in frame.columns:
+        if isinstance(served.model, LineDetector):
+            raise ValueError(
+                f"this is a line model of {len(served.model.categories)} part types: send a string column "
+                f"'{CATEGORY_COLUMN}' naming each row's, one of {list(served.model.categories)}."
+            )
+        return [""] * len(frame)
+    column = frame[CATEGORY_COLUMN]
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        raise ValueError(f"column '{CATEGORY_COLUMN}' holds {column.dtype} values; send category names as strings.")
+    return ["" if value is None or (isinstance(value, float) and np.isnan(value)) else value for value in column]
+
+
+def _check_row_category(served: Served, category: object) -> str:
+    """The key of the detector that scores a row; ValueError (a row error) when there is none."""
+    if not isinstance(category, str):
+        raise ValueError(f"category of type {type(category).__name__}; send the category name as a string.")
+    if isinstance(served.model, LineDetector):
+        return served.model.check_category(category)
+    if category not in ("", served.category):
+        held = f"part type {served.category!r}" if served.category else "one unnamed part type"
+        raise ValueError(f"unknown category {category!r}: this model holds {held}; send that, or no category.")
+    return ""
 
 
 def _row(prediction, j: int, with_map: bool) -> dict[str, Any]:
@@ -249,20 +278,20 @@ def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
     threads = configure_threads(workers=workers)
     _log_to_stderr_unless_configured()
     _logger.info("mlflow-knn-anomaly: %d threads per process, %d worker process(es)", threads, workers)
+    mlmodel = Path(data_path).parents[1] / "MLmodel"
+    saved = Model.load(str(mlmodel)) if mlmodel.is_file() else None  # absent: a bare detector folder
+    model_id = getattr(saved, "model_id", None)
     if is_line(data_path):
-        line = LineDetector.load(data_path)
-        _logger.info("mlflow-knn-anomaly: line model of %d categories %s", len(line.categories), line.categories)
-        return SpadePyfuncModel(line)
-    return SpadePyfuncModel(SpadeDetector.load(data_path), _saved_category(Path(data_path)))
-
-
-def _saved_category(data_path: Path) -> str | None:
-    """A single detector's category from its MLmodel (`data_path` is <model>/data/detector); None
-    for a model saved before categories existed."""
-    mlmodel = data_path.parents[1] / "MLmodel"
-    if not mlmodel.is_file():
-        return None
-    return Model.load(str(mlmodel)).flavors.get(FLAVOR_NAME, {}).get("category")
+        model, category = LineDetector.load(data_path), None
+        _logger.info("mlflow-knn-anomaly: line model of %d categories %s", len(model.categories), model.categories)
+    else:  # a model saved before categories existed has none
+        model, category = SpadeDetector.load(data_path), saved and saved.flavors.get(FLAVOR_NAME, {}).get("category")
+    follow = os.environ.get(FOLLOW_VARIABLE)
+    if not follow:
+        return SpadePyfuncModel(model, category, model_id or "")
+    follower = Follower(follow, Served(model, model_id or "", category), model_id, load_served, follow_seconds())
+    _logger.info("mlflow-knn-anomaly: following %s, checked every %.0f s", follow, follower.seconds)
+    return SpadePyfuncModel(model, category, follower=follower.start())
 
 
 def _log_to_stderr_unless_configured() -> None:
@@ -350,15 +379,21 @@ def log_model(
 def load_model(model_uri: str) -> SpadeDetector | LineDetector:
     """The native model of a logged or registered model (e.g. "models:/NAME@champion"): a
     SpadeDetector, or a LineDetector for a line model."""
+    return load_served(model_uri)[0]
+
+
+def load_served(model_uri: str, dst: str | None = None) -> tuple[SpadeDetector | LineDetector, str | None]:
+    """(the native model, a single detector's saved category) of a model downloaded (into `dst`,
+    else MLflow's temporary folder), every artifact verified."""
     try:
-        local = Path(mlflow.artifacts.download_artifacts(model_uri))
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=dst))
     except MlflowException as exc:
         raise ValueError(f"cannot load {model_uri}: {exc.message} Check the model name, version or alias.") from exc
     conf = Model.load(str(local)).flavors.get(FLAVOR_NAME)
     if conf is None:
         raise ValueError(f"{model_uri} is not a {FLAVOR_NAME} model (its MLmodel lacks that flavor).")
     data = local / conf["data"]
-    return LineDetector.load(data) if is_line(data) else SpadeDetector.load(data)
+    return (LineDetector.load(data), None) if is_line(data) else (SpadeDetector.load(data), conf.get("category"))
 
 
 def model_flavor(model_uri: str) -> dict[str, Any]:
