@@ -133,23 +133,28 @@ def build_bank_command(
 @click.option("--skip-bad", is_flag=False, flag_value=True, type=bool, default=False, show_default=True,
               help="skip missing or unreadable images (logged) instead of failing (or: true/false)")  # fmt: skip
 @click.option("--category", default="", help="a line model's category to add the images to")
+@click.option("--ids", default="", help="with --images capture:LOCATION: the confirmed requests' ids (a .txt "
+              "file, one a line, or separated by commas)")  # fmt: skip
 @_runs
 def update_bank_command(
-    model_uri: str, data: str, images: str, model_name: str | None, skip_bad: bool, category: str
+    model_uri: str, data: str, images: str, model_name: str | None, skip_bad: bool, category: str, ids: str
 ) -> None:
     """Add new normal images to a model's bank and register the result as a new version (recalibrated)."""
     from .mlops import jobs
 
     run_id, version = jobs.update_bank(
-        model_uri, data or None, model_name, skip_bad=skip_bad, category=category or None, images=images or None
-    )
+        model_uri, data or None, model_name, skip_bad=skip_bad, category=category or None, images=images or None,
+        ids=ids or None,
+    )  # fmt: skip
     click.echo(json.dumps({"run_id": run_id, "model_uri": model_uri, "version": version}))
 
 
 @cli.command("monitor")
 @click.option("--model-uri", default="models:/spade-anomaly@champion", show_default=True)
 @click.option("--source", required=True, help="folder of recent images (a line: one subfolder per category), "
-              "or a .txt/.csv/.parquet list with a path (and category) column")  # fmt: skip
+              "a .txt/.csv/.parquet list with a path (and category) column, or capture:LOCATION (a served "
+              "model's captured requests)")  # fmt: skip
+@click.option("--since", default="", help="with a capture: the requests from this time on (ISO 8601, UTC)")
 @click.option("--p-value", type=float, default=MonitorLimits.p_value, show_default=True,
               help="a drift test (KS) alerts below this p-value")  # fmt: skip
 @click.option("--min-change", type=float, default=MonitorLimits.min_change, show_default=True,
@@ -161,14 +166,14 @@ def update_bank_command(
 @click.option("--experiment", default=None, help="experiment of the run (default: <model name>-monitoring)")
 def monitor_command(
     model_uri: str, source: str, p_value: float, min_change: float, max_anomalous_share: float, min_images: int,
-    experiment: str | None,
+    experiment: str | None, since: str,
 ) -> None:  # fmt: skip
     """Score a batch of production images, log drift figures and an alert to <model name>-monitoring."""
     limits = MonitorLimits(p_value, min_change, max_anomalous_share, min_images)  # fails before torch loads
     configure_threads()
     from .mlops import monitoring
 
-    result = monitoring.monitor(model_uri, source, limits, experiment)
+    result = monitoring.monitor(model_uri, source, limits, experiment, since or None)
     click.echo(json.dumps({k: v for k, v in result.items() if k != "figures"}))
 
 

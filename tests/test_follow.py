@@ -182,3 +182,17 @@ def test_a_running_server_serves_the_promoted_version_within_the_interval(store,
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_promotions_under_load_fail_no_request_and_a_tampered_version_is_refused():
+    """benchmarks/bench_follow.py, lean: 4 clients, promote then rollback, a tampered third version."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_follow
+
+    figures = bench_follow.run(moves=2, interval=2.0, gap=5.0, clients=4, size=96)
+    assert figures["requests"] > 20 and figures["failed"] == 0 and figures["mixed_answers"] == 0
+    assert figures["versions"] == ["line/1", "line/2"]
+    assert [target for _, target, _ in figures["moves"]] == ["line/2", "line/1"]
+    assert all(delay is not None for _, _, delay in figures["moves"])  # each move reached the clients
+    assert figures["refusal_logged"] and figures["serving_after_tamper"] == "line/1"

@@ -65,6 +65,7 @@ PLANT_PARTS = {"bottle": "mvtec_bottle", "metal_plate": "mpdd_metal_plate", "tra
 # for `tune`'s validation split to run its bootstrap (7 of each, min_images is 5).
 SUBSETS = {"mvtec_bottle": (100, 10), "mpdd_metal_plate": (41, 24)}
 FILES = {"part.png": "mvtec_bottle/test/broken_large/000.png"}
+SERVE = re.compile(r"^(\w+=\S+ )*mlflow models serve\b")  # a server start, with its environment
 DATA_FOLDER = re.compile(r"(?<![\w./-])/data/[\w./-]*\w")  # not ../shared/data/...
 RUN_ALL = os.environ.get("MLFLOW_KNN_ANOMALY_README_ALL") == "1"
 SKIPS = (  # (pattern of a command, why it does not run here)
@@ -260,7 +261,7 @@ class Sandbox:
             args = [sys.executable, str(script)]
         else:
             args = ["bash", "-c", command]
-        if command.startswith("mlflow models serve"):
+        if SERVE.match(command):
             done = self.start_server(args)
             self.server_step = step
         else:
@@ -273,7 +274,7 @@ class Sandbox:
         """The step where this command already ran in the sandbox, if its effect still holds: a
         server start repeats only while the server it started is up (otherwise it starts again)."""
         earlier = self.ran.get(_repeat_key(step.text))
-        if earlier is not None and step.text.startswith("mlflow models serve"):
+        if earlier is not None and SERVE.match(step.text):
             up = self.server is not None and self.server.poll() is None and self.server_step is not None
             return earlier if up and _repeat_key(self.server_step.text) == _repeat_key(step.text) else None
         return earlier

@@ -37,6 +37,7 @@ from ..evaluation.datasets import (
 )
 from ..evaluation.evaluate import PIXEL_METRICS
 from . import registry
+from .capture import PREFIX, captured_list
 from .evaluator import EVALUATOR_NAME, MODEL_TYPE, frame_from_folder
 from .names import EVAL_PREFIX, MEAN, key_part, prefixed
 from .pyfunc_model import load_model, log_model, model_categories, model_flavor
@@ -124,12 +125,14 @@ def update_bank(
     skip_bad: bool = False,
     category: str | None = None,
     images: str | None = None,
+    ids: str | None = None,
 ) -> tuple[str, str]:
     """Add new normal images to a model's bank and register the result as a new version: same
     settings, enlarged bank, recalibrated. The version is tagged with its parent.
 
     The images are <data>/train/good, or with `images` a list of them (a .txt, .csv or .parquet
-    with a `path` column: the false alarms operators confirmed as normal); the version's tags
+    with a `path` column: the false alarms operators confirmed as normal), or with
+    `images=capture:LOCATION` the captured requests whose `ids` operators confirmed; the version's tags
     `feedback.*` count the list's images and give its digest. A line model needs `category`: only
     that category changes (a list's `category` column, if it has one, picks the rows).
 
@@ -148,12 +151,12 @@ def update_bank(
     if "categories" in flavor:
         from . import line_jobs
 
-        return line_jobs.update_category(model_uri, data, images, category or "", name, skip_bad)
+        return line_jobs.update_category(model_uri, data, images, category or "", name, skip_bad, ids)
     saved_category = flavor.get("category")
     if category and category != saved_category:
         raise ValueError(f"{model_uri} holds the one category {saved_category!r}, not {category!r}.")
     with tempfile.TemporaryDirectory() as tmp, run_of("update_bank") as run:
-        new = new_normal_images(data, images, skip_bad, saved_category, Path(tmp), line=False)
+        new = new_normal_images(data, images, skip_bad, saved_category, Path(tmp), line=False, ids=ids)
         detector = load_model(model_uri)
         log_new_params({"parent_model_uri": model_uri, **new.params})
         log_config(detector.config)
@@ -188,12 +191,21 @@ class NewImages:
 
 
 def new_normal_images(
-    data: str | None, images: str | None, skip_bad: bool, category: str | None, workdir: Path, line: bool = True
+    data: str | None,
+    images: str | None,
+    skip_bad: bool,
+    category: str | None,
+    workdir: Path,
+    line: bool = True,
+    ids: str | None = None,
 ) -> NewImages:
     """The images of `data`'s train/good, or of the list `images` (rows of another `category`
-    left out when the list has that column). Missing or unreadable images fail the job, or with
-    `skip_bad` are logged (under `category`/ in a `line`) and left out (call inside the run)."""
+    left out when the list has that column), or of the captured requests `ids` of `images=capture:...`.
+    Missing or unreadable images fail the job, or with `skip_bad` are logged (under `category`/ in a
+    `line`) and left out (call inside the run)."""
     logged_as = category if line else None
+    if images and images.startswith(PREFIX):
+        images = str(captured_list(images, ids, workdir / "captured"))
     if data:
         root = resolve_data(data, workdir)
         paths = readable_train_images(root, skip_bad, logged_as)

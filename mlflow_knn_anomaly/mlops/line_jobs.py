@@ -84,13 +84,19 @@ def build_line(
 
 
 def update_category(
-    model_uri: str, data: str | None, images: str | None, category: str, model_name: str, skip_bad: bool
+    model_uri: str,
+    data: str | None,
+    images: str | None,
+    category: str,
+    model_name: str,
+    skip_bad: bool,
+    ids: str | None = None,
 ) -> tuple[str, str]:
     """Add new normal images (`jobs.new_normal_images`) to one category of a line model."""
     line = _load_line(model_uri)
     category = line.check_category(category)
     with tempfile.TemporaryDirectory() as tmp, jobs.run_of("update_bank") as run:
-        new = jobs.new_normal_images(data, images, skip_bad, category, Path(tmp))
+        new = jobs.new_normal_images(data, images, skip_bad, category, Path(tmp), ids=ids)
         jobs.log_new_params({"parent_model_uri": model_uri, "category": category, **new.params})
         jobs.log_config(line.config(category))
         mlflow.log_input(new.dataset, context="training")

@@ -26,6 +26,7 @@ from ..algorithm.spade import SpadeDetector
 from ..config import MonitorLimits
 from ..evaluation.datasets import IMAGE_SUFFIXES, LIST_SUFFIXES, read_image_list
 from . import registry
+from .capture import PREFIX, export_images, read_capture
 from .names import prefixed
 from .pyfunc_model import load_model
 
@@ -89,15 +90,32 @@ def batch_figures(
     return figures, reasons(figures, len(images), limits), {"results": results, "reference": reference.statistics_of}
 
 
-def monitor(model_uri: str, source: str, limits: MonitorLimits | None = None, experiment: str | None = None) -> dict:
+def monitor(
+    model_uri: str,
+    source: str,
+    limits: MonitorLimits | None = None,
+    experiment: str | None = None,
+    since: str | None = None,
+) -> dict:
     """Score `source` with the model and log the monitoring run; returns its figures and verdict.
 
     Args:
         model_uri: e.g. models:/NAME@champion.
-        source: a folder of images, or a .txt / .csv / .parquet image list (`read_batch`).
+        source: a folder of images, a .txt / .csv / .parquet image list (`read_batch`), or
+            `capture:LOCATION`, the requests a served model captured (`capture`).
         limits: when the batch alerts (`config.MonitorLimits`, its defaults when None).
         experiment: the experiment to log to (default `<registered name>-monitoring`).
+        since: with a capture, only the requests from this time on (ISO 8601, UTC).
     """
+    if not source.startswith(PREFIX):
+        return _monitor(model_uri, source, source, limits, experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        listing = export_images(read_capture(source[len(PREFIX) :], since), Path(tmp))
+        return _monitor(model_uri, str(listing), f"{source} since {since}" if since else source, limits, experiment)
+
+
+def _monitor(model_uri: str, batch: str, source: str, limits: MonitorLimits | None, experiment: str | None) -> dict:
+    """`monitor` of the images `batch` names (`source` is what the run logs as its source)."""
     limits = limits or MonitorLimits()
     ref = registry.model_ref(model_uri)
     if experiment is None:
@@ -106,7 +124,7 @@ def monitor(model_uri: str, source: str, limits: MonitorLimits | None = None, ex
         experiment = f"{ref.versions[0].name}-monitoring"
     model = load_model(model_uri)
     line = model if isinstance(model, LineDetector) else None
-    frame = read_batch(source, line)
+    frame = read_batch(batch, line)
     unreadable, groups = [], {}
     for path, category in zip(frame["path"], frame["category"]):
         try:

@@ -37,6 +37,7 @@ from ..algorithm.spade import SpadeDetector
 from ..config import OVERRIDES, check_segment, check_threshold
 from ..runtime import configure_threads, server_workers, threads_kept
 from ..version import __version__, serving_versions
+from .capture import CaptureSettings, CaptureWriter
 from .follow import FOLLOW_VARIABLE, Follower, Served, follow_seconds
 
 _logger = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class SpadePyfuncModel:
         category: a single detector's part type, when known (rows naming another are errors).
         version: what each row's `model_version` says (a model id, or NAME/VERSION).
         follower: keeps the model on the version a registry alias names (`follow.Follower`).
+        capture: writes each answered row away, off the request path (`capture.CaptureWriter`).
     """
 
     def __init__(
@@ -135,9 +137,11 @@ class SpadePyfuncModel:
         category: str | None = None,
         version: str = "",
         follower: Follower | None = None,
+        capture: CaptureWriter | None = None,
     ) -> None:
         self._served = Served(model, version, category)
         self.follower = follower
+        self.capture = capture
 
     @property
     def served(self) -> Served:
@@ -169,11 +173,13 @@ class SpadePyfuncModel:
             {**{c.name: c.empty for c in OUTPUT}, "model_version": served.version} for _ in range(len(model_input))
         ]
         groups: dict[str, tuple[list[int], list[Image.Image]]] = {}
+        raw: list[bytes | None] = [None] * len(rows)  # what capture keeps of each row's image
         for i, (value, category) in enumerate(zip(model_input[INPUT_COLUMN].tolist(), categories)):
             rows[i]["category"] = category if isinstance(category, str) else ""
             try:
                 detector_key = _check_row_category(served, category)
-                image = load_image(_as_bytes(value))
+                raw[i] = _as_bytes(value)
+                image = load_image(raw[i])
             except (ValueError, TypeError) as exc:
                 rows[i]["error"] = str(exc)
                 continue
@@ -194,6 +200,8 @@ class SpadePyfuncModel:
             )
             for j, i in enumerate(indices):
                 rows[i].update(_row(prediction, j, options["return_anomaly_map"]))
+        if self.capture is not None:
+            self.capture.submit(raw, rows)
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
 
@@ -286,12 +294,16 @@ def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
         _logger.info("mlflow-knn-anomaly: line model of %d categories %s", len(model.categories), model.categories)
     else:  # a model saved before categories existed has none
         model, category = SpadeDetector.load(data_path), saved and saved.flavors.get(FLAVOR_NAME, {}).get("category")
+    settings = CaptureSettings.from_environ()
+    capture = None if settings is None else CaptureWriter(settings)
+    if capture is not None:
+        _logger.info("mlflow-knn-anomaly: capturing %.0f %% of the rows to %s", 100 * settings.rate, settings.location)
     follow = os.environ.get(FOLLOW_VARIABLE)
     if not follow:
-        return SpadePyfuncModel(model, category, model_id or "")
+        return SpadePyfuncModel(model, category, model_id or "", capture=capture)
     follower = Follower(follow, Served(model, model_id or "", category), model_id, load_served, follow_seconds())
     _logger.info("mlflow-knn-anomaly: following %s, checked every %.0f s", follow, follower.seconds)
-    return SpadePyfuncModel(model, category, follower=follower.start())
+    return SpadePyfuncModel(model, category, follower=follower.start(), capture=capture)
 
 
 def _log_to_stderr_unless_configured() -> None:
