@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -198,6 +199,7 @@ def _scenario(moves: int, interval: float, gap: float, clients: int, size: int) 
         "tampered": tampered,
         "serving_after_tamper": serving_after,
         "refusal_logged": f"refused models:/line/{tampered}" in log,
+        "load_seconds": [float(s) for s in re.findall(r"loaded and verified in ([\d.]+) s", log)],
         "rss_baseline_mb": baseline,
         "rss_peak_mb": max(rss, default=baseline),
     }
@@ -226,6 +228,8 @@ def report(figures: dict, args: argparse.Namespace) -> str:
         f"| moves served (of {len(figures['moves'])}) | {len(delays)} |",
         f"| delay from a move to its first answer, max / mean (s) | {max(delays):.1f} / "
         f"{sum(delays) / len(delays):.1f} (interval {args.interval} s) |",
+        f"| a version's download, load and check in the server, max (s) | "
+        f"{max(figures['load_seconds'], default=0):.1f} |",
         f"| tampered v{figures['tampered']}: refused in the log / serving after it | "
         f"{figures['refusal_logged']} / {figures['serving_after_tamper']} |",
         f"| server RSS before the moves / peak during them (MB) | {figures['rss_baseline_mb']:.0f} / "
