@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 
 from mlflow_knn_anomaly import SpadeConfig
 from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test
-from mlflow_knn_anomaly.mlops import jobs, line_jobs
+from mlflow_knn_anomaly.mlops import jobs, line_jobs, monitoring
 from mlflow_knn_anomaly.mlops.follow import FOLLOW_VARIABLE, SECONDS_VARIABLE, follow_seconds, parse_alias_uri
+from mlflow_knn_anomaly.mlops.shadow import SHADOW_VARIABLE
 
 from .conftest import free_port, wait_until_up
 
@@ -196,3 +197,34 @@ def test_promotions_under_load_fail_no_request_and_a_tampered_version_is_refused
     assert [target for _, target, _ in figures["moves"]] == ["line/2", "line/1"]
     assert all(delay is not None for _, _, delay in figures["moves"])  # each move reached the clients
     assert figures["refusal_logged"] and figures["serving_after_tamper"] == "line/1"
+
+
+def test_a_refused_version_is_tagged_and_the_next_monitor_run_reports_it(store, monkeypatch, tmp_path):
+    client, data = store
+    model, follower = _following(monkeypatch)
+    jobs.build_bank(str(data), SMALL, "m")  # v3, tampered
+    _tamper(client, "3")
+    client.set_registered_model_alias("m", "champion", "3")
+    follower.check()
+    assert "sha256" in client.get_model_version("m", "3").tags["serving.refused"]
+    found = monitoring.monitor("models:/m/2", str(data / "test" / "good"), experiment="m-monitoring")
+    assert found["figures"]["refused_versions"] == 1.0 and not found["alert"]  # v2 itself serves
+
+
+def test_a_challenger_in_the_shadow_logs_how_it_compares(store, monkeypatch):
+    client, data = store
+    client.set_registered_model_alias("m", "challenger", "2")
+    monkeypatch.setenv(SHADOW_VARIABLE, "models:/m@challenger")
+    monkeypatch.setenv("MLFLOW_KNN_ANOMALY_SHADOW_RATE", "1")
+    model = mlflow.pyfunc.load_model("models:/m@champion")
+    frame = pd.concat([_frame(data), pd.DataFrame({"image": [b"not an image"]})], ignore_index=True)
+    answered = model.predict(frame)
+    shadow = model._model_impl.shadow
+    shadow.close()
+    assert shadow.scored_rows == len(frame) - 1  # the bad row is not compared
+    (run,) = client.search_runs([client.get_experiment_by_name("m-shadow").experiment_id])
+    assert run.data.tags["shadow.challenger"] == "m/2"
+    assert run.data.tags["shadow.champion"] == answered["model_version"][0]
+    metrics = run.data.metrics
+    assert metrics["shadow.rows"] == len(frame) - 1 and 0.0 <= metrics["shadow.decision_disagreement"] <= 1.0
+    assert -1.0 <= metrics["shadow.score_spearman"] <= 1.0

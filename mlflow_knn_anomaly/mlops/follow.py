@@ -29,6 +29,7 @@ _logger = logging.getLogger(__name__)
 FOLLOW_VARIABLE = "MLFLOW_KNN_ANOMALY_FOLLOW"
 SECONDS_VARIABLE = "MLFLOW_KNN_ANOMALY_FOLLOW_SECONDS"
 DEFAULT_SECONDS = 30.0
+REFUSED_TAG = "serving.refused"  # on a version a following server refused: why
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class Follower:
             self.status.refused += 1
             self.status.refused_versions.add(number)
             self._warn(f"refused {uri} ({exc}); still serving {self.served.version}")
+            self._record_refusal(number, str(exc))
             return
         self.served = Served(model, f"{self.name}/{number}", category)  # one assignment: atomic for requests
         self._version_number = number
@@ -153,6 +155,13 @@ class Follower:
             shutil.rmtree(self._folders.pop(0), ignore_errors=True)
         seconds = time.perf_counter() - start
         _logger.info("mlflow-knn-anomaly: now serving %s (loaded and verified in %.1f s)", uri, seconds)
+
+    def _record_refusal(self, number: str, why: str) -> None:
+        """Tag the refused version (`serving.refused`), so `monitor` reports it; best effort."""
+        try:
+            MlflowClient().set_model_version_tag(self.name, number, REFUSED_TAG, why[:5000])
+        except Exception as exc:  # noqa: BLE001 (the registry may be what failed)
+            _logger.warning("mlflow-knn-anomaly: could not tag the refused version %s (%s)", number, exc)
 
     def _check_compatible(self, model: SpadeDetector | LineDetector) -> None:
         """A line version must keep every category requests have used; a line stays a line."""

@@ -27,6 +27,7 @@ from ..config import MonitorLimits
 from ..evaluation.datasets import IMAGE_SUFFIXES, LIST_SUFFIXES, read_image_list
 from . import registry
 from .capture import PREFIX, export_images, read_capture
+from .follow import REFUSED_TAG
 from .names import prefixed
 from .pyfunc_model import load_model
 
@@ -146,7 +147,18 @@ def _monitor(model_uri: str, batch: str, source: str, limits: MonitorLimits | No
         rows.append(pd.DataFrame({"path": paths, "category": category, **extra["results"]}))
         reference.add(extra["reference"])
     batch = pd.concat(rows, ignore_index=True)
+    refused = [v.version for v in _versions_of(ref) if REFUSED_TAG in (v.tags or {})]
+    figures["refused_versions"] = float(len(refused))  # versions a following server would not serve
+    if ref.versions and ref.versions[0].version in refused:  # the alias names one no server will serve
+        why.append(f"following servers refused v{ref.versions[0].version}: {ref.versions[0].tags[REFUSED_TAG]}")
     return _log_run(model_uri, ref, experiment, source, figures, why, batch, unreadable, limits, reference)
+
+
+def _versions_of(ref: registry.ModelRef) -> list:
+    """Every version of the registered model `ref` names (none for a URI that names no version)."""
+    if not ref.versions:
+        return []
+    return MlflowClient().search_model_versions(f"name='{ref.versions[0].name}'")
 
 
 REFERENCE_NOTES = {

@@ -39,6 +39,7 @@ from ..runtime import configure_threads, server_workers, threads_kept
 from ..version import __version__, serving_versions
 from .capture import CaptureSettings, CaptureWriter
 from .follow import FOLLOW_VARIABLE, Follower, Served, follow_seconds
+from .shadow import SHADOW_VARIABLE, Shadow, shadow_rate
 
 _logger = logging.getLogger(__name__)
 FLAVOR_NAME = "mlflow_knn_anomaly"
@@ -129,6 +130,7 @@ class SpadePyfuncModel:
         version: what each row's `model_version` says (a model id, or NAME/VERSION).
         follower: keeps the model on the version a registry alias names (`follow.Follower`).
         capture: writes each answered row away, off the request path (`capture.CaptureWriter`).
+        shadow: scores a sample of the answered rows with a challenger, off the request path.
     """
 
     def __init__(
@@ -138,10 +140,11 @@ class SpadePyfuncModel:
         version: str = "",
         follower: Follower | None = None,
         capture: CaptureWriter | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         self._served = Served(model, version, category)
         self.follower = follower
-        self.capture = capture
+        self.capture, self.shadow = capture, shadow
 
     @property
     def served(self) -> Served:
@@ -200,8 +203,9 @@ class SpadePyfuncModel:
             )
             for j, i in enumerate(indices):
                 rows[i].update(_row(prediction, j, options["return_anomaly_map"]))
-        if self.capture is not None:
-            self.capture.submit(raw, rows)
+        for sink in (self.capture, self.shadow):  # both only queue: their threads do the work
+            if sink is not None:
+                sink.submit(raw, rows)
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
 
@@ -294,16 +298,26 @@ def _load_pyfunc(data_path: str) -> SpadePyfuncModel:
         _logger.info("mlflow-knn-anomaly: line model of %d categories %s", len(model.categories), model.categories)
     else:  # a model saved before categories existed has none
         model, category = SpadeDetector.load(data_path), saved and saved.flavors.get(FLAVOR_NAME, {}).get("category")
+    extras = _serving_extras()
+    follow = os.environ.get(FOLLOW_VARIABLE)
+    if not follow:
+        return SpadePyfuncModel(model, category, model_id or "", **extras)
+    follower = Follower(follow, Served(model, model_id or "", category), model_id, load_served, follow_seconds())
+    _logger.info("mlflow-knn-anomaly: following %s, checked every %.0f s", follow, follower.seconds)
+    return SpadePyfuncModel(model, category, follower=follower.start(), **extras)
+
+
+def _serving_extras() -> dict[str, Any]:
+    """Request capture and a shadow challenger, as the environment asks (`capture`, `shadow`)."""
     settings = CaptureSettings.from_environ()
     capture = None if settings is None else CaptureWriter(settings)
     if capture is not None:
         _logger.info("mlflow-knn-anomaly: capturing %.0f %% of the rows to %s", 100 * settings.rate, settings.location)
-    follow = os.environ.get(FOLLOW_VARIABLE)
-    if not follow:
-        return SpadePyfuncModel(model, category, model_id or "", capture=capture)
-    follower = Follower(follow, Served(model, model_id or "", category), model_id, load_served, follow_seconds())
-    _logger.info("mlflow-knn-anomaly: following %s, checked every %.0f s", follow, follower.seconds)
-    return SpadePyfuncModel(model, category, follower=follower.start(), capture=capture)
+    challenger = os.environ.get(SHADOW_VARIABLE)
+    shadow = Shadow(challenger, shadow_rate(), load_served) if challenger else None
+    if shadow is not None:
+        _logger.info("mlflow-knn-anomaly: %s scores %.0f %% of the rows in the shadow", challenger, 100 * shadow.rate)
+    return {"capture": capture, "shadow": shadow}
 
 
 def _log_to_stderr_unless_configured() -> None:
