@@ -46,6 +46,8 @@ PLANT = "a line root"  # built by the sandbox: see `_plant`
 PLANT_IMAGES = "images of two part types"
 LINE_TODAY = "a batch of today's images"  # built by the sandbox: see `_line_today`
 FALSE_ALARMS = "the images operators confirmed normal"
+CAPTURES = "a served model's captured requests"  # written by the server the README starts
+CONFIRMED = "the ids of captured requests operators confirmed normal"  # written by a README command
 DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/mvtec/bottle": "mvtec_bottle",
     "/data/tiles": "magnetic_tile",
@@ -57,6 +59,8 @@ DATA = {  # a page's folder -> shared data set (under ../shared/data)
     "/data/mpdd/metal_plate": "mpdd_metal_plate",
     "/data/line/today": LINE_TODAY,
     "/data/line/false_alarms.csv": FALSE_ALARMS,
+    "/data/captures": CAPTURES,
+    "/data/line/confirmed.txt": CONFIRMED,
 }
 PLANT_PARTS = {"bottle": "mvtec_bottle", "metal_plate": "mpdd_metal_plate", "transistor": "mvtec_transistor"}
 # The shared sets these commands read in part, (training images, test images per type): they show
@@ -237,7 +241,8 @@ class Sandbox:
             name = match.group(0)
             assert name in DATA, f"README uses {name}: map it to a shared data set in DATA"
             built = {NEW_NORMAL: self.new_normal, PLANT: self.plant, PLANT_IMAGES: self.plant_images,
-                     LINE_TODAY: self.line_today, FALSE_ALARMS: self.false_alarms}  # fmt: skip
+                     LINE_TODAY: self.line_today, FALSE_ALARMS: self.false_alarms, CAPTURES: self.tmp / "captures",
+                     CONFIRMED: self.line_today.parent / "confirmed.txt"}  # fmt: skip
             if DATA[name] == PLANT:
                 return str(self.plant / name.removeprefix("/data/plant").lstrip("/"))
             built.update(self.subsets)

@@ -18,6 +18,7 @@ files with a list, which `monitor` and `update_bank` take (`source=capture:LOCAT
 
 from __future__ import annotations
 
+import atexit
 import datetime as dt
 import io
 import logging
@@ -96,6 +97,7 @@ class CaptureWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-knn-anomaly-capture", daemon=True)
         self._thread.start()
+        atexit.register(self.close)  # a server that stops (SIGTERM) writes what it queued
 
     def submit(self, images: list[bytes | None], rows: list[dict]) -> None:
         """Queue a request's rows (a sampled share); never raises, never waits."""
@@ -112,9 +114,10 @@ class CaptureWriter:
                 self.failed_rows += 1
 
     def close(self) -> None:
-        """Write what is queued and stop (a server's exit, a test)."""
+        """Write what is queued and stop (a server's exit, a test); a second call does nothing."""
         self._stop.set()
-        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
 
     def _loop(self) -> None:
         self._expire()
