@@ -165,6 +165,12 @@ def test_region_metrics_hand_computed():
         "false_regions_per_anomalous_image": 0.0,
         "n_gt_regions": 2.0,
         "n_pred_regions": 2.0,
+        # by size: the scratch (8 of 100 pixels) and the blob (4) are both >= 1 % of the image
+        "n_gt_regions_lt_0p05pct": 0.0,
+        "n_gt_regions_0p05_0p2pct": 0.0,
+        "n_gt_regions_0p2_1pct": 0.0,
+        "n_gt_regions_ge_1pct": 2.0,
+        "region_recall_ge_1pct": 0.5,
     }
     # With IoU alone (coverage rule out of reach), the scratch is missed.
     assert region_metrics([pred_a], [gt_a], min_coverage=1.0)["region_recall"] == 0.0
@@ -197,3 +203,20 @@ def test_region_metrics_rejects_mismatched_inputs():
         region_metrics([np.zeros((3, 3), dtype=bool)], [np.zeros((3, 4), dtype=bool)])
     with pytest.raises(ValueError, match="min_coverage"):
         region_metrics([], [], min_coverage=0.0)
+
+
+def test_recall_is_binned_by_the_defect_share_of_the_image():
+    # A 100 x 100 image: defects of 4 px (0.04 %), 10 px (0.1 %), 50 px (0.5 %) and 200 px (2 %).
+    gt = np.zeros((100, 100), dtype=bool)
+    gt[0, 0:4] = True
+    gt[10, 0:10] = True
+    gt[20:25, 0:10] = True
+    gt[40:60, 0:10] = True
+    pred = np.zeros_like(gt)
+    pred[10, 0:10] = True  # only the 0.1 % defect is found
+    pred[40:42, 0:10] = True  # 20 of 200 px: 10 %, under the 30 % coverage rule
+    figures = region_metrics([pred], [gt])
+    assert [figures[f"n_gt_regions_{b}"] for b in ("lt_0p05pct", "0p05_0p2pct", "0p2_1pct", "ge_1pct")] == [1, 1, 1, 1]
+    assert figures["region_recall_lt_0p05pct"] == 0.0 and figures["region_recall_0p05_0p2pct"] == 1.0
+    assert figures["region_recall_0p2_1pct"] == 0.0 and figures["region_recall_ge_1pct"] == 0.0
+    assert figures["region_recall"] == 0.25

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import ndimage
@@ -18,6 +18,13 @@ from scipy import ndimage
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 _TYPES = {"x": int, "y": int, "width": int, "height": int, "area": int, "peak": (int, float)}
 _EXPECTED = "a JSON list of objects with keys x, y, width, height, area (integers) and peak (number)"
+# Defect sizes, as shares of the image's area: recall per bin (line cameras' defects are the smallest).
+SIZE_BINS = (
+    ("lt_0p05pct", 0.0, 0.0005),
+    ("0p05_0p2pct", 0.0005, 0.002),
+    ("0p2_1pct", 0.002, 0.01),
+    ("ge_1pct", 0.01, math.inf),
+)
 
 
 @dataclass(frozen=True)
@@ -158,12 +165,16 @@ class RegionCounts:
         n_found: of those, the ones the prediction found (see `region_counts`).
         n_pred: predicted regions (8-connected components of the predicted mask).
         n_false: of those, the ones that overlap no ground-truth pixel.
+        gt_shares, gt_found: per ground-truth region, its share of the image's area and whether it
+            was found.
     """
 
     n_gt: int
     n_found: int
     n_pred: int
     n_false: int
+    gt_shares: tuple[float, ...] = field(default=(), compare=False)
+    gt_found: tuple[bool, ...] = field(default=(), compare=False)
 
 
 def region_counts(pred_mask: np.ndarray, gt_mask: np.ndarray, min_coverage: float = 0.3) -> RegionCounts:
@@ -197,7 +208,8 @@ def region_counts(pred_mask: np.ndarray, gt_mask: np.ndarray, min_coverage: floa
         iou = inter / (gt_area[:, None] + pred_area[None, :] - inter)
         found |= iou.max(axis=1) >= 0.5
     n_false = int(np.count_nonzero(inter.sum(axis=0) == 0))
-    return RegionCounts(n_gt=n_gt, n_found=int(found.sum()), n_pred=n_pred, n_false=n_false)
+    shares = tuple(float(a) / gt.size for a in gt_area)
+    return RegionCounts(n_gt, int(found.sum()), n_pred, n_false, shares, tuple(bool(f) for f in found))
 
 
 def region_metrics(
@@ -213,7 +225,7 @@ def region_metrics(
     Returns:
         {"region_recall" (found / all gt regions; NaN without any), "false_regions_per_normal_image",
         "false_regions_per_anomalous_image" (means; NaN without such images), "n_gt_regions",
-        "n_pred_regions"}.
+        "n_pred_regions", and the recall by defect size of `recall_by_size`}.
     """
     if len(pred_masks) != len(gt_masks):
         raise ValueError(f"need one predicted mask per gt mask; got {len(pred_masks)} and {len(gt_masks)}.")
@@ -228,7 +240,21 @@ def region_metrics(
         "false_regions_per_anomalous_image": float(np.mean(anomalous)) if anomalous else math.nan,
         "n_gt_regions": float(n_gt),
         "n_pred_regions": float(sum(c.n_pred for c in counts)),
+        **recall_by_size(counts),
     }
+
+
+def recall_by_size(counts: list[RegionCounts]) -> dict[str, float]:
+    """Per `SIZE_BINS` bin: `n_gt_regions_<bin>`, and `region_recall_<bin>` where it holds any region."""
+    shares = np.array([s for c in counts for s in c.gt_shares])
+    found = np.array([f for c in counts for f in c.gt_found], dtype=bool)
+    figures = {}
+    for name, low, high in SIZE_BINS:
+        inside = (shares >= low) & (shares < high)
+        figures[f"n_gt_regions_{name}"] = float(inside.sum())
+        if inside.any():
+            figures[f"region_recall_{name}"] = float(found[inside].mean())
+    return figures
 
 
 def _check_coverage(min_coverage: float) -> None:

@@ -54,7 +54,7 @@ COLUMNS = {
     "defect_type_col": "defect_type",
     "category_col": "category",
 }
-LONGEST_KEY = "stage2_share_anomalous"  # the longest metric name a defect type or category prefixes
+LONGEST_KEY = "false_regions_per_anomalous_image"  # the longest metric name a defect type or category prefixes
 NO_PIXEL_METRICS = "absent: image-level labels only (no masks were given)"
 
 
