@@ -33,11 +33,12 @@ from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test, re
 from mlflow_knn_anomaly.mlops.capture import read_capture
 
 
-def serve(model: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
+def serve(model: Path | str, port: int, env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """`mlflow models serve` of `model` on 127.0.0.1:`port`, its stderr in `log`, once it answers /ping."""
     args = [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model), "--env-manager", "local",
             "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with log.open("w") as out:
-        server = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=out)
+    with log.open("w") as out:  # the child keeps its own descriptor
+        server = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=out)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -55,7 +56,7 @@ def post(port: int, image: str) -> tuple[float, int]:
     return time.perf_counter() - start, answer.status_code
 
 
-def _port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -73,7 +74,7 @@ def run(data: Path | None, n_requests: int, threads: int) -> dict:
         base = dict(os.environ, MLFLOW_KNN_ANOMALY_THREADS=str(threads))
         base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"
         location = folder / "captures"
-        ports = {"off": _port(), "on": _port()}
+        ports = {"off": free_port(), "on": free_port()}
         servers = {
             "off": serve(model, ports["off"], base, folder / "off.log"),
             "on": serve(model, ports["on"], dict(base, MLFLOW_KNN_ANOMALY_CAPTURE=str(location)), folder / "on.log"),

@@ -32,6 +32,7 @@ import requests
 from mlflow import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_capture import free_port, serve  # noqa: E402
 from load_test import memory_mb  # noqa: E402
 
 from mlflow_knn_anomaly import SpadeConfig  # noqa: E402
@@ -90,18 +91,7 @@ def start_server(folder: Path, port: int, interval: float) -> subprocess.Popen:
     env = dict(os.environ, MLFLOW_KNN_ANOMALY_FOLLOW="models:/line@champion")
     env["MLFLOW_KNN_ANOMALY_FOLLOW_SECONDS"] = str(interval)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    args = [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/line@champion", "--env-manager",
-            "local", "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    with (folder / "log").open("w") as log:  # the child keeps its own descriptor
-        server = subprocess.Popen(args, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/ping", timeout=1).status_code == 200:
-                return server
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the server did not come up: {(folder / 'log').read_text()[-3000:]}")
+    return serve("models:/line@champion", port, env, folder / "log", cwd=folder)
 
 
 def first_answer_from(traffic: Traffic, version: str, since: float, limit: float) -> float | None:
@@ -168,7 +158,7 @@ def _scenario(moves: int, interval: float, gap: float, clients: int, size: int) 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _, root = build_store(folder, size)
-        port = _free_port()
+        port = free_port()
         server = start_server(folder, port, interval)
         traffic, rss = Traffic(), []
         threads = [threading.Thread(target=client_loop, args=(f"http://127.0.0.1:{port}", request_body(root),
@@ -203,14 +193,6 @@ def _scenario(moves: int, interval: float, gap: float, clients: int, size: int) 
         "rss_baseline_mb": baseline,
         "rss_peak_mb": max(rss, default=baseline),
     }
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def report(figures: dict, args: argparse.Namespace) -> str:

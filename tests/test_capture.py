@@ -91,3 +91,19 @@ def test_monitor_and_update_bank_read_a_capture(registered, monkeypatch, tmp_pat
     assert after.bank.n_images >= before.bank.n_images + 1  # a tenth of new images may join the held-out set
     with pytest.raises(ValueError, match="not in the capture"):
         jobs.update_bank("models:/m/1", images=f"capture:{tmp_path / 'captures'}", ids="nope")
+
+
+def test_a_location_that_fills_up_keeps_what_it_already_holds(registered, monkeypatch, tmp_path):
+    model, writer = _capturing(monkeypatch, tmp_path / "captures")
+    first, second = _requests(registered)
+    model.predict(first)
+    writer._flush()  # the first request's rows are written
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer._repo, "log_artifact", full)
+    assert len(model.predict(second)) == len(second)  # answered all the same
+    writer.close()
+    assert writer.failed_rows == len(second) and writer.captured_rows == len(first)
+    assert len(read_capture(str(tmp_path / "captures"))) == len(first)

@@ -91,5 +91,6 @@ def test_a_parquet_table_of_image_bytes_scores_like_the_folder(spark, saved_dete
     table.to_parquet(tmp_path / "table.parquet")
     score(spark, str(model), str(tmp_path / "table.parquet"), str(tmp_path / "out.parquet"))
     out = pd.read_parquet(tmp_path / "out.parquet").sort_values("path")
+    assert "model_version" in out.columns  # every output column of the pyfunc, through Spark
     expected = SpadeDetector.load(saved_detector).predict([s.path for s in sorted(samples, key=lambda s: str(s.path))])
     np.testing.assert_allclose(out["score"].to_numpy(float), expected.scores, rtol=1e-5)

@@ -175,20 +175,7 @@ class SpadePyfuncModel:
         rows: list[dict[str, Any]] = [
             {**{c.name: c.empty for c in OUTPUT}, "model_version": served.version} for _ in range(len(model_input))
         ]
-        groups: dict[str, tuple[list[int], list[Image.Image]]] = {}
-        raw: list[bytes | None] = [None] * len(rows)  # what capture keeps of each row's image
-        for i, (value, category) in enumerate(zip(model_input[INPUT_COLUMN].tolist(), categories)):
-            rows[i]["category"] = category if isinstance(category, str) else ""
-            try:
-                detector_key = _check_row_category(served, category)
-                raw[i] = _as_bytes(value)
-                image = load_image(raw[i])
-            except (ValueError, TypeError) as exc:
-                rows[i]["error"] = str(exc)
-                continue
-            members = groups.setdefault(detector_key, ([], []))
-            members[0].append(i)
-            members[1].append(image)
+        groups, raw = _group_rows(served, model_input[INPUT_COLUMN].tolist(), categories, rows)
         if self.follower is not None:
             self.follower.used_categories.update(k for k in groups if k)
         for key, (indices, images) in groups.items():
@@ -208,6 +195,29 @@ class SpadePyfuncModel:
                 sink.submit(raw, rows)
         columns = list(OUTPUT_COLUMNS) + (["anomaly_map"] if options["return_anomaly_map"] else [])
         return pd.DataFrame(rows, columns=columns).astype({c.name: c.dtype for c in OUTPUT})
+
+
+def _group_rows(
+    served: Served, values: list[object], categories: list[object], rows: list[dict[str, Any]]
+) -> tuple[dict[str, tuple[list[int], list[Image.Image]]], list[bytes | None]]:
+    """The decodable rows grouped by the detector that scores them, {key: (row indices, images)},
+    and each row's image bytes (None where unreadable: what capture keeps); a bad row gets its
+    `category` and `error` in `rows`."""
+    groups: dict[str, tuple[list[int], list[Image.Image]]] = {}
+    raw: list[bytes | None] = [None] * len(rows)
+    for i, (value, category) in enumerate(zip(values, categories)):
+        rows[i]["category"] = category if isinstance(category, str) else ""
+        try:
+            detector_key = _check_row_category(served, category)
+            raw[i] = _as_bytes(value)
+            image = load_image(raw[i])
+        except (ValueError, TypeError) as exc:
+            rows[i]["error"] = str(exc)
+            continue
+        members = groups.setdefault(detector_key, ([], []))
+        members[0].append(i)
+        members[1].append(image)
+    return groups, raw
 
 
 def _categories(served: Served, frame: pd.DataFrame) -> list[object]:
