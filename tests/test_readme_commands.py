@@ -257,8 +257,9 @@ class Sandbox:
         return text.replace("5001", str(self.port))
 
     def run(self, step: Step) -> subprocess.CompletedProcess:
-        if self.server is not None and "5001" not in step.text and not step.text.startswith("printf"):
-            self.stop_server()  # a printf writes the next request's file: the server stays up
+        keeps_server = "5001" in step.text or step.text.startswith("printf")  # a printf writes a request file
+        if self.server is not None and (SERVE.match(step.text) or not keeps_server):
+            self.stop_server()  # a new server start takes the port
         command = self.localize(step.text)
         if step.language == "python":
             script = self.tmp / f"{step.page}_{step.line}.py"
