@@ -136,7 +136,7 @@ class Follower:
         """Load, verify and check version `number`, then swap it in; refuse it on any problem."""
         uri = f"models:/{self.name}/{number}"
         start = time.perf_counter()
-        folder = tempfile.mkdtemp(prefix=f"mlflow-knn-anomaly-{self.name}-v{number}-")
+        folder = tempfile.mkdtemp(prefix=f"mlflow-knn-anomaly-v{number}-")  # a registered name may hold any character
         try:
             model, category = self._load(uri, folder)
             self._check_compatible(model)
