@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -298,10 +299,20 @@ class Sandbox:
         pytest.fail(f"the server did not come up:\n{self.server_log.read_text()[-4000:]}")
 
     def stop_server(self) -> None:
+        """Stop the server and wait until its port is free: its workers outlive the `mlflow` process
+        for a moment (they finish their requests and write what they captured), and a server
+        started next would find the port taken."""
         if self.server is not None:
             self.server.send_signal(signal.SIGTERM)
             self.server.wait(timeout=60)
             self.server, self.server_step = None, None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with socket.socket() as probe:
+                    if probe.connect_ex(("127.0.0.1", self.port)) != 0:
+                        return
+                time.sleep(0.2)
+            pytest.fail(f"the server's port {self.port} was still taken 60 s after it was stopped")
 
     def champion(self, name: str = "bottle") -> str:
         return self.alias("champion", name)
