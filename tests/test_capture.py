@@ -1,11 +1,14 @@
 """Request capture (issue 38): every answered row is kept off the request path, a location that
 fails loses captures but no answer, and `monitor` and `update_bank` read the capture back."""
 
+import base64
 import shutil
+import time
 
 import mlflow
 import pandas as pd
 import pytest
+import requests
 
 from mlflow_knn_anomaly import SpadeConfig
 from mlflow_knn_anomaly.evaluation.datasets import make_synthetic, read_test
@@ -107,3 +110,25 @@ def test_a_location_that_fills_up_keeps_what_it_already_holds(registered, monkey
     writer.close()
     assert writer.failed_rows == len(second) and writer.captured_rows == len(first)
     assert len(read_capture(str(tmp_path / "captures"))) == len(first)
+
+
+@pytest.mark.slow
+def test_a_server_stopped_by_sigterm_writes_every_row_it_answered(fitted, tmp_path, monkeypatch):
+    """uvicorn ends on SIGTERM without `atexit`: the rows of the last seconds are written all the same."""
+    from mlflow_knn_anomaly import save_model
+
+    from .conftest import served
+
+    save_model(fitted, tmp_path / "model")
+    monkeypatch.setenv(CAPTURE_VARIABLE, str(tmp_path / "captures"))
+    part = make_synthetic(tmp_path / "d", seed=1, n_train=1, n_test_good=1, n_per_defect=0, size=64)
+    image = base64.b64encode(read_test(part)[0].path.read_bytes()).decode()
+    body = {"dataframe_split": {"columns": ["image"], "data": [[image]]}}
+    with served(tmp_path / "model") as url:
+        for _ in range(5):
+            assert requests.post(f"{url}/invocations", json=body, timeout=60).status_code == 200
+    for _ in range(50):  # the server's workers end a moment after the mlflow process
+        if (tmp_path / "captures").is_dir() and any((tmp_path / "captures").rglob("*.parquet")):
+            break
+        time.sleep(0.2)
+    assert len(read_capture(str(tmp_path / "captures"))) == 5

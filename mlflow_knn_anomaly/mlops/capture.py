@@ -25,6 +25,7 @@ import logging
 import os
 import queue
 import random
+import signal
 import tempfile
 import threading
 import uuid
@@ -77,6 +78,28 @@ class CaptureSettings:
         return cls(location, values["rate"], int(values["max_bytes"] * 2**20), values["days"])
 
 
+def _close_on_sigterm(writer: CaptureWriter) -> None:
+    """Write what is queued when SIGTERM stops the process, then let the signal do what it did.
+
+    Uvicorn (MLflow's scoring server) shuts down on SIGTERM and then raises it again with the
+    handler it found at start, which ends the process without `atexit`: this handler, installed
+    when the model loads, before uvicorn starts, is the one it finds.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may set a handler
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame) -> None:
+        writer.close()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def _repository(location: str):
     """MLflow's artifact repository of a location (a plain path is a local folder)."""
     if "://" not in location:
@@ -97,7 +120,8 @@ class CaptureWriter:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mlflow-knn-anomaly-capture", daemon=True)
         self._thread.start()
-        atexit.register(self.close)  # a server that stops (SIGTERM) writes what it queued
+        atexit.register(self.close)  # a process that exits writes what it queued
+        _close_on_sigterm(self)
 
     def submit(self, images: list[bytes | None], rows: list[dict]) -> None:
         """Queue a request's rows (a sampled share); never raises, never waits."""
