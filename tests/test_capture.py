@@ -132,3 +132,21 @@ def test_a_server_stopped_by_sigterm_writes_every_row_it_answered(fitted, tmp_pa
             break
         time.sleep(0.2)
     assert len(read_capture(str(tmp_path / "captures"))) == 5
+
+
+def test_a_capture_goes_to_s3_through_mlflows_artifact_repository(monkeypatch):
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    from mlflow_knn_anomaly.mlops.capture import CaptureWriter
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with moto.mock_aws():
+        boto3.client("s3").create_bucket(Bucket="line")
+        writer = CaptureWriter(CaptureSettings("s3://line/captures"))
+        writer.submit([b"png bytes", None], [{"score": 1.0, "error": ""}, {"score": None, "error": "bad"}])
+        writer.close()
+        captured = read_capture("s3://line/captures")
+    assert writer.failed_rows == 0 and list(captured["image"]) == [b"png bytes", None]
