@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import atexit
 import datetime as dt
-import io
 import logging
 import os
 import queue
@@ -259,7 +258,7 @@ def export_images(frame: pd.DataFrame, folder: Path, ids: list[str] | None = Non
     paths = []
     for row in frame.itertuples():
         path = folder / f"{row.id}.img"
-        path.write_bytes(io.BytesIO(row.image).getvalue())
+        path.write_bytes(row.image)
         paths.append(str(path))
     listing = folder / "images.csv"
     categories = frame["category"].fillna("") if "category" in frame else ""
